@@ -1,0 +1,13 @@
+"""sentcode: small language models that generate text in steps larger than a token."""
+
+__version__ = "0.1.0"
+
+
+def load(run_dir, device: str = "cpu"):
+    """Load a trained run directory and return a generator with ``generate``, ``stream`` and ``score``."""
+    from sentcode.infer.generator import load as _load
+
+    return _load(run_dir, device=device)
+
+
+__all__ = ["__version__", "load"]
