@@ -1,0 +1,80 @@
+"""Causal grouped-query attention with RoPE or ALiBi, an optional sliding window and a KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sentcode.nn.layers import alibi_slopes, apply_rope
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of one layer for the tokens seen so far: [B, n_kv_head, T_cached, head_dim]."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [Tq, Tk] mask, True where query may attend: keys at or before the query's absolute position.
+
+    Positions are absolute, so the mask is right for a cache of any length (the top-left-aligned
+    ``is_causal=True`` mask is wrong as soon as queries and keys differ in number).
+    """
+    rel = q_pos[:, None] - k_pos[None, :]
+    allowed = rel >= 0
+    if window is not None:
+        allowed &= rel < window
+    return allowed
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, pos: str = "rope", window: int | None = None):
+        super().__init__()
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = d_model // n_head
+        self.pos, self.window = pos, window
+        self.wq = nn.Linear(d_model, n_head * self.head_dim, bias=False)
+        self.wkv = nn.Linear(d_model, 2 * n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_head * self.head_dim, d_model, bias=False)
+        if pos == "alibi":
+            self.register_buffer("slopes", alibi_slopes(n_head), persistent=False)
+
+    def forward(self, x, positions, rope=None, cache: LayerCache | None = None):
+        """x: [B, T, D]; positions: [T] absolute positions of these tokens; rope: (cos, sin) for them."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, hd]
+        if self.pos == "rope":
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            if cache.k is not None:
+                k = torch.cat([cache.k, k], dim=2)
+                v = torch.cat([cache.v, v], dim=2)
+            cache.k, cache.v = k, v
+        Tk = k.shape[2]
+        k_pos = positions[-1] - Tk + 1 + torch.arange(Tk, device=x.device)
+        mask = None
+        is_causal = False
+        if self.pos == "alibi":
+            rel = (positions[:, None] - k_pos[None, :]).to(torch.float32)
+            bias = -self.slopes[:, None, None] * rel  # [H, Tq, Tk]
+            allowed = causal_mask(positions, k_pos, self.window)
+            mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
+        elif self.window is not None or Tk != T:
+            if T > 1 or self.window is not None:
+                mask = causal_mask(positions, k_pos, self.window)
+        else:
+            is_causal = True
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
