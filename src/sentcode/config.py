@@ -73,7 +73,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "bf16"  # bf16 | fp32 | fp16 (fp16 on GPU only, with a gradient scaler)
+    precision: str = "auto"  # auto | bf16 | fp32 | fp16 (fp16: GPU only, with a gradient scaler)
     compile: bool = False
     seed: int = 1337
     log_every: int = 10
@@ -92,8 +92,8 @@ class TrainConfig:
                 f"train.batch_tokens={self.batch_tokens} is not a multiple of "
                 f"train.micro_batch * train.seq_len = {self.micro_batch * self.seq_len}"
             )
-        if self.precision not in ("bf16", "fp32", "fp16"):
-            raise ConfigError(f"train.precision must be bf16, fp32 or fp16, not {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp32", "fp16"):
+            raise ConfigError(f"train.precision must be auto, bf16, fp32 or fp16, not {self.precision!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.min_lr_ratio must lie in [0, 1]")
         if self.lr <= 0:

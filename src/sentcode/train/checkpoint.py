@@ -1,0 +1,142 @@
+"""Atomic, self-describing checkpoints that load whether or not the model was compiled or wrapped in DDP."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sentcode.errors import CheckpointError, SentcodeError
+from sentcode.io import atomic_path, write_json
+
+FORMAT = "sentcode-checkpoint"
+VERSION = 1
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the key prefixes that torch.compile and DDP add, so any checkpoint loads into a bare model."""
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(np.random.get_state()[1].tolist()),  # stored as text: loads with weights_only
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": json.dumps(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(json.loads(state["numpy"]), dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(json.loads(state["python"])), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"cannot read checkpoint {path}: file is corrupt or not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a sentcode checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, this sentcode reads {VERSION}")
+    return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, with one clear error when the checkpoint is of another model shape."""
+    state = clean_state_dict(state)
+    own = unwrap(model).state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise CheckpointError(f"{source} belongs to another model ({what}; {len(missing)} missing, {len(extra)} unexpected keys)")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{source} belongs to another model: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    unwrap(model).load_state_dict(state)
+
+
+_STEP_RE = re.compile(r"step-(\d+)\.pt$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    d = checkpoint_dir(run_dir)
+    pointer = d / "latest.json"
+    if pointer.is_file():
+        try:
+            p = d / json.loads(pointer.read_text())["file"]
+            if p.is_file():
+                return p
+        except (ValueError, KeyError):
+            pass
+    found = sorted((int(m.group(1)), p) for p in d.glob("step-*.pt") if (m := _STEP_RE.search(p.name)))
+    return found[-1][1] if found else None
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        p = latest_checkpoint(run_dir)
+        if p is None:
+            raise SentcodeError(f"--resume auto: no checkpoint to resume in {run_dir}")
+        return p
+    return Path(resume)
+
+
+def save_step(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+    d = checkpoint_dir(run_dir)
+    path = d / f"step-{step:07d}.pt"
+    save_checkpoint(path, payload)
+    write_json(d / "latest.json", {"file": path.name, "step": step})
+    found = sorted((int(m.group(1)), p) for p in d.glob("step-*.pt") if (m := _STEP_RE.search(p.name)))
+    for _, old in found[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,144 @@
+"""The flat LM family's training task, and the run directory it writes."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+import sentcode
+from sentcode.config import LMConfig, load_config
+from sentcode.data import DataDir, WindowLoader
+from sentcode.errors import SentcodeError
+from sentcode.eval.bpb import evaluate_bpb
+from sentcode.io import write_json, write_text
+from sentcode.models.lm import LM
+from sentcode.train import checkpoint as ckpt_io
+from sentcode.train.loop import TrainTask, run_training
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Next-token cross-entropy through the (possibly compiled or DDP-wrapped) model, plus router balance."""
+    x, y = batch
+    logits = model(x)
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return ce + ckpt_io.unwrap(model).aux_loss().to(ce.device)
+
+
+def _router_metrics(model) -> dict:
+    loads = [b.ffn.last_load for b in model.blocks if hasattr(b.ffn, "last_load")]
+    if not loads:
+        return {}
+    return {"router_large_share": float(torch.stack(loads)[:, 1].mean())}
+
+
+def build_lm_task(cfg: LMConfig, data: DataDir, dist_info, device) -> TrainTask:
+    model = LM(cfg.model)
+    t = cfg.train
+    loader = WindowLoader(data.tokens("train"), t.seq_len, t.micro_batch, seed=t.seed,
+                          rank=dist_info.rank, world_size=dist_info.world_size)
+
+    class _Batches:
+        def next_batch(self):
+            x, y = loader.next_batch()
+            return x.to(device), y.to(device)
+
+        state_dict = loader.state_dict
+        load_state_dict = loader.load_state_dict
+
+    def evaluate(m, max_tokens):
+        return evaluate_bpb(m, data.tokens("val"), data.tokenizer, t.seq_len, batch_size=t.micro_batch,
+                            device=device, precision="fp32" if device.type == "cpu" else "bf16", max_tokens=max_tokens)
+
+    return TrainTask(model=model, batches=_Batches(), loss=lm_loss, evaluate=evaluate,
+                     tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token(t.seq_len),
+                     extra_metrics=_router_metrics)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_header(run_dir: Path, cfg: LMConfig, data: DataDir) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_json(run_dir / "run.json", {
+        "family": cfg.family,
+        "data_dir": str(Path(data.path).resolve()),
+        "tokenizer": data.meta["tokenizer"],
+        "seed": cfg.train.seed,
+        "sentcode": sentcode.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    tok_dir = run_dir / "tokenizer"
+    if tok_dir.exists():
+        shutil.rmtree(tok_dir)
+    data.tokenizer.save(tok_dir)
+
+
+def train_lm(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    preset: str = "tiny",
+    overrides: list[str] | None = None,
+    max_steps: int | None = None,
+    resume: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict:
+    """Train a flat LM on a prepared data directory into ``run_dir``; returns the loop's summary."""
+    run_dir = Path(run_dir)
+    data = DataDir(data_dir)
+    overrides = list(overrides or [])
+    if max_steps is not None:
+        overrides.append(f"train.max_steps={max_steps}")
+    cfg = load_config(preset, overrides + [f"model.vocab_size={data.tokenizer.vocab_size}"])
+    resume_path = ckpt_io.resolve_resume(run_dir, resume)
+    if resume_path is None and ckpt_io.latest_checkpoint(run_dir) is not None:
+        raise SentcodeError(f"{run_dir} already holds a training run; pass --resume auto to continue it or choose another --out")
+    if resume_path is not None and (run_dir / "config.yaml").exists():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if saved.get("model") != cfg.to_dict()["model"]:
+            raise SentcodeError(f"{run_dir} was trained with another model configuration; cannot resume it with this one")
+    write_run_header(run_dir, cfg, data)
+    summary = run_training(
+        run_dir, cfg.train, lambda info, dev: build_lm_task(cfg, data, info, dev), cfg.to_dict(),
+        resume=resume_path, device=device, progress=progress, stop_at=stop_at,
+    )
+    model = summary.pop("model")
+    if summary["status"] == "completed" and _is_rank0():
+        export_weights(model, run_dir)
+        write_json(run_dir / "train_summary.json", summary)
+    return summary
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def export_weights(model, run_dir: Path) -> None:
+    """Final weights as safetensors (shared tied weights stored once), for inference."""
+    from safetensors.torch import save_model
+
+    from sentcode.io import atomic_path
+
+    with atomic_path(run_dir / "model.safetensors") as tmp:
+        save_model(ckpt_io.unwrap(model), str(tmp))
