@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
     lm.add_argument("--resume", default=None, metavar="auto|CKPT", help="continue from the newest checkpoint (auto) or a file")
     lm.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    lm.add_argument("--no-progress", action="store_true", help="no progress display")
+    lm.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live progress bar")
 
     ev = sub.add_parser("eval", help="bits per byte of a trained run",
                         description="A full deterministic pass over the held-out test split (or a text file); "
@@ -108,7 +108,7 @@ def _dispatch(args) -> int:
         from sentcode.train.lm import train_lm
 
         summary = train_lm(args.data, args.out, preset=args.preset, overrides=args.overrides, max_steps=args.max_steps,
-                           resume=args.resume, device=args.device, progress=not args.no_progress)
+                           resume=args.resume, device=args.device, progress="plain" if args.no_progress else True)
         if summary["status"] != "completed":
             return 130
         print(f"trained {summary['step']} steps in {summary['train_elapsed']:.0f}s; "

@@ -77,7 +77,8 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     log_every: int = 10
-    eval_every: int = 200
+    eval_every: int = 200  # steps between periodic evaluations (0: none)
+    eval_interval_s: float | None = None  # or: training seconds between evaluations (for bpb-vs-time curves)
     eval_max_tokens: int | None = 200_000  # cap for periodic evals; the final eval is a full pass
     save_every: int = 200
     keep_checkpoints: int = 2

@@ -99,7 +99,7 @@ def train_lm(
     max_steps: int | None = None,
     resume: str | None = None,
     device: str = "auto",
-    progress: bool = True,
+    progress: bool | str = True,
     stop_at: int | None = None,
 ) -> dict:
     """Train a flat LM on a prepared data directory into ``run_dir``; returns the loop's summary."""

@@ -119,7 +119,7 @@ def run_training(
     config_dict: dict,
     resume: Path | None = None,
     device: str = "auto",
-    progress: bool = True,
+    progress: bool | str = True,
     stop_at: int | None = None,
 ) -> dict:
     """Train to ``cfg.max_steps`` (or the time budget); returns a summary. ``stop_at`` simulates an interruption."""
@@ -184,7 +184,8 @@ def run_training(
 
     logger = _MetricLogger(metrics_path, cfg, run_dir) if dist_info.is_main else None
     peak = peak_flops(dev.type, precision) * dist_info.world_size
-    bar = Progress(cfg.max_steps, start=step, enabled=progress and dist_info.is_main, log_every=cfg.log_every)
+    bar = Progress(cfg.max_steps, start=step, enabled=bool(progress) and dist_info.is_main,
+                   live=False if progress == "plain" else None, log_every=cfg.log_every)
     bar.message(
         f"training {sum(p.numel() for p in raw_model.parameters()):,} parameters on {dev.type} ({precision}), "
         f"{dist_info.world_size} process(es), grad accumulation {accum}, from step {step}"
@@ -198,6 +199,7 @@ def run_training(
 
     status = "completed"
     last_eval = None
+    next_eval_s = (train_elapsed // cfg.eval_interval_s + 1) * cfg.eval_interval_s if cfg.eval_interval_s else None
     with _StopFlag(bar) as stop:
         model.train()
         while frac_done() < 1.0:
@@ -243,7 +245,10 @@ def run_training(
                             **task.extra_metrics(raw_model)})
             bar.update(step, info, min(frac_done(), 1.0))
             done = frac_done() >= 1.0
-            if cfg.eval_every and (step % cfg.eval_every == 0) and not done:
+            due = bool(cfg.eval_every) and step % cfg.eval_every == 0
+            if next_eval_s is not None and train_elapsed >= next_eval_s:
+                due, next_eval_s = True, (train_elapsed // cfg.eval_interval_s + 1) * cfg.eval_interval_s
+            if due and not done:
                 last_eval = _evaluate(task, raw_model, cfg.eval_max_tokens, dist_info, logger, step, train_elapsed, bar)
             interrupted = stop.requested or (stop_at is not None and step >= stop_at)
             if (cfg.save_every and step % cfg.save_every == 0) or interrupted or done:
