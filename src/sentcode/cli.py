@@ -111,8 +111,9 @@ def _dispatch(args) -> int:
                            resume=args.resume, device=args.device, progress="plain" if args.no_progress else True)
         if summary["status"] != "completed":
             return 130
-        print(f"trained {summary['step']} steps in {summary['train_elapsed']:.0f}s; "
-              f"held-out bpb {summary['final_eval']['bpb']:.4f}; run directory {args.out}")
+        if summary["final_eval"] is not None:  # None on the other ranks of a torchrun job: rank 0 evaluates
+            print(f"trained {summary['step']} steps in {summary['train_elapsed']:.0f}s; "
+                  f"held-out bpb {summary['final_eval']['bpb']:.4f}; run directory {args.out}")
         return 0
     if args.command == "eval":
         import sentcode
@@ -125,9 +126,10 @@ def _dispatch(args) -> int:
         import sentcode
 
         g = sentcode.load(args.run_dir)
-        sys.stdout.write(args.prompt)
-        for piece in g.stream(args.prompt, max_bytes=args.max_bytes, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache):
+        pieces = g.stream(args.prompt, max_bytes=args.max_bytes, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
+        sys.stdout.write(args.prompt)  # only once the request is known to be valid
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -70,9 +70,9 @@ class LM(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         logits = self(idx)
-        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), reduction="none")
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         if mask is not None:
-            m = mask.view(-1).float()
+            m = mask.reshape(-1).float()
             return (ce * m).sum() / m.sum().clamp(min=1)
         return ce.mean()
 

@@ -62,7 +62,7 @@ class DualFFN(nn.Module):
             idx = (choice == e).nonzero(as_tuple=True)[0][:capacity]  # first-come tokens fit in capacity
             load.append((choice == e).float().mean())
             if idx.numel():
-                y = expert(flat[idx]) * gate[idx, None].to(flat.dtype)
+                y = (expert(flat[idx]) * gate[idx, None]).to(out.dtype)
                 out = out.index_copy(0, idx, y)
         frac = torch.stack(load)  # share of tokens routed to each expert (no gradient)
         self.aux_loss = 2.0 * (frac.detach() * probs.mean(dim=0)).sum()  # = 1 when balanced

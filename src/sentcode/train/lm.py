@@ -116,6 +116,12 @@ def train_lm(
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         if saved.get("model") != cfg.to_dict()["model"]:
             raise SentcodeError(f"{run_dir} was trained with another model configuration; cannot resume it with this one")
+    if resume_path is not None:
+        # read the checkpoint before touching the run directory: a corrupt or foreign one leaves it unchanged
+        state = ckpt_io.load_checkpoint(resume_path)
+        if state.get("config", {}).get("model") != cfg.to_dict()["model"]:
+            raise SentcodeError(f"{resume_path} was saved by another model configuration; cannot resume it with this one")
+        del state
     write_run_header(run_dir, cfg, data)
     summary = run_training(
         run_dir, cfg.train, lambda info, dev: build_lm_task(cfg, data, info, dev), cfg.to_dict(),
