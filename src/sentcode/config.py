@@ -80,6 +80,7 @@ class TrainConfig:
     eval_every: int = 200  # steps between periodic evaluations (0: none)
     eval_interval_s: float | None = None  # or: training seconds between evaluations (for bpb-vs-time curves)
     eval_max_tokens: int | None = 200_000  # cap for periodic evals; the final eval is a full pass
+    final_eval: bool = True  # a full pass over the validation split when training ends
     save_every: int = 200
     keep_checkpoints: int = 2
     tensorboard: bool = False
@@ -162,6 +163,11 @@ def _coerce(value, default, key):
     if isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{key} must be a string, got {value!r}")

@@ -36,7 +36,7 @@ def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float
         shutil.rmtree(run)
     print(f"training the tiny flat byte LM for {minutes:g} minutes on {corpus}")
     train_lm(data, run, preset="tiny", overrides=[f"train.time_budget_s={minutes * 60}", "train.max_steps=100000",
-                                                  "train.eval_every=0"])
+                                                  "train.eval_every=0", "train.final_eval=false"])
     g = sentcode.load(run)
     result = evaluate_run(g, split="test")
     print(f"\nheld-out test bits per byte: {result['bpb']:.4f} over {result['bytes']:,} bytes "

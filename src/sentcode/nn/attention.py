@@ -1,4 +1,7 @@
-"""Causal grouped-query attention with RoPE or ALiBi, an optional sliding window and a KV cache."""
+"""Grouped-query attention with RoPE or ALiBi, an optional sliding window and a KV cache.
+
+Causal by default; ``causal=False`` gives the bidirectional attention of an encoder, with a key-padding mask.
+"""
 
 from __future__ import annotations
 
@@ -37,8 +40,12 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, pos: str = "rope", window: int | None = None):
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, pos: str = "rope", window: int | None = None,
+                 causal: bool = True):
         super().__init__()
+        if not causal and window is not None:
+            raise ValueError("a sliding window is only defined for causal attention")
+        self.causal = causal
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = d_model // n_head
         self.pos, self.window = pos, window
@@ -48,8 +55,14 @@ class CausalSelfAttention(nn.Module):
         if pos == "alibi":
             self.register_buffer("slopes", alibi_slopes(n_head), persistent=False)
 
-    def forward(self, x, positions, rope=None, cache: LayerCache | None = None):
-        """x: [B, T, D]; positions: [T] absolute positions of these tokens; rope: (cos, sin) for them."""
+    def forward(self, x, positions, rope=None, cache: LayerCache | None = None, key_mask: torch.Tensor | None = None):
+        """x: [B, T, D]; positions: [T] absolute positions of these tokens; rope: (cos, sin) for them.
+
+        key_mask: [B, Tk] bool, True for real tokens; bidirectional attention only (padding never needs
+        masking in causal attention when sequences are right-padded).
+        """
+        if key_mask is not None and self.causal:
+            raise ValueError("key_mask is only supported with causal=False")
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, hd]
@@ -64,7 +77,13 @@ class CausalSelfAttention(nn.Module):
         k_pos = positions[-1] - Tk + 1 + torch.arange(Tk, device=x.device)
         mask = None
         is_causal = False
-        if self.pos == "alibi":
+        if not self.causal:
+            mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, Tk]
+            if self.pos == "alibi":
+                dist = (positions[:, None] - k_pos[None, :]).abs().to(torch.float32)
+                bias = -self.slopes[:, None, None] * dist  # distance penalty in both directions
+                mask = (bias if mask is None else bias.masked_fill(~mask, float("-inf"))).to(q.dtype)
+        elif self.pos == "alibi":
             rel = (positions[:, None] - k_pos[None, :]).to(torch.float32)
             bias = -self.slopes[:, None, None] * rel  # [H, Tq, Tk]
             allowed = causal_mask(positions, k_pos, self.window)

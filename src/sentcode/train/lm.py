@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import platform
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
 
-import sentcode
 from sentcode.config import LMConfig, load_config
 from sentcode.data import DataDir, WindowLoader
 from sentcode.errors import SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
-from sentcode.io import write_json, write_text
+from sentcode.io import write_json
 from sentcode.models.lm import LM
 from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask, run_training
+from sentcode.train.runinfo import write_run_files
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -59,32 +55,11 @@ def build_lm_task(cfg: LMConfig, data: DataDir, dist_info, device) -> TrainTask:
 
     return TrainTask(model=model, batches=_Batches(), loss=lm_loss, evaluate=evaluate,
                      tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token(t.seq_len),
-                     extra_metrics=_router_metrics)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+                     extra_metrics=_router_metrics, ddp_find_unused=cfg.model.ffn == "dual")
 
 
 def write_run_header(run_dir: Path, cfg: LMConfig, data: DataDir) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_json(run_dir / "run.json", {
-        "family": cfg.family,
-        "data_dir": str(Path(data.path).resolve()),
-        "tokenizer": data.meta["tokenizer"],
-        "seed": cfg.train.seed,
-        "sentcode": sentcode.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "git_commit": _git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    write_run_files(run_dir, cfg, data_dir=str(Path(data.path).resolve()), tokenizer=data.meta["tokenizer"])
     tok_dir = run_dir / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)

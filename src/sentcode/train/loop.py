@@ -40,10 +40,12 @@ class TrainTask:
     model: nn.Module
     batches: BatchSource
     loss: Callable[[nn.Module, Any], torch.Tensor]  # mean loss of one micro-batch
-    evaluate: Callable[[nn.Module, int | None], dict]  # max_tokens (None = full pass) -> metrics incl. "bpb"
+    evaluate: Callable[[nn.Module, int | None], dict]  # max_tokens (None = full pass) -> metrics incl. headline
     tokens_per_batch: int
     flops_per_token: float
     extra_metrics: Callable[[nn.Module], dict] = field(default=lambda m: {})
+    ddp_find_unused: bool = False  # True when some parameters may get no gradient in a step (routed experts)
+    headline: str = "bpb"  # the evaluate() key the progress line reports; families without bpb name theirs
 
 
 def set_seed(seed: int) -> None:
@@ -144,7 +146,9 @@ def run_training(
     if cfg.compile:
         model = torch.compile(model)
     if dist_info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=task.ddp_find_unused
+        )
     optimizer = build_optimizer(raw_model, cfg, dev)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
@@ -259,7 +263,7 @@ def run_training(
                 break
     bar.close()
     final = None
-    if status == "completed":
+    if status == "completed" and cfg.final_eval:
         final = _evaluate(task, raw_model, None, dist_info, logger, step, train_elapsed, bar, final=True)
     if logger:
         logger.close()
@@ -282,7 +286,7 @@ def _evaluate(task, model, max_tokens, dist_info, logger, step, train_elapsed, b
     if logger:
         logger.log({"step": step, "train_elapsed": train_elapsed, "final": final,
                     **{f"val_{k}": v for k, v in result.items()}})
-    bar.message(f"step {step}: held-out bpb {result['bpb']:.4f}" + (" (full pass)" if final else ""))
+    bar.message(f"step {step}: held-out {task.headline} {result[task.headline]:.4f}" + (" (full pass)" if final else ""))
     barrier(dist_info)
     return result
 
