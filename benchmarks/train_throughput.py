@@ -4,7 +4,8 @@
 
 Runs real optimizer steps (forward, backward, clip, AdamW) on random tokens at each preset's micro-batch and
 sequence length; reports the median step after warm-up. MFU is against the datasheet bf16 peak on GPUs and
-against a measured matrix-multiply peak of the same precision on CPUs.
+against the measured matrix-multiply peak of the CPU's fastest precision (fp32, or bf16 where the CPU has native
+bf16 units).
 """
 
 from __future__ import annotations

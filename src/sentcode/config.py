@@ -220,9 +220,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(preset: str = "tiny", overrides: list[str] | None = None, cls=LMConfig) -> LMConfig:
-    """Resolve a preset name or YAML path plus ``key.sub=value`` overrides into a validated config."""
-    data = _read_yaml(preset)
+def load_config(preset: str | None = "tiny", overrides: list[str] | None = None, cls=LMConfig):
+    """Resolve a preset name or YAML path (None: the dataclass defaults) plus ``key.sub=value`` overrides
+    into a validated config of class ``cls``."""
+    data = _read_yaml(preset) if preset is not None else {}
     for item in overrides or []:
         keys, value = parse_override(item)
         node = data

@@ -55,20 +55,28 @@ _GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, 
 
 @functools.lru_cache(maxsize=None)
 def peak_flops(device_type: str, precision: str) -> float:
-    """Peak matrix FLOP/s for MFU: the datasheet figure on known GPUs, a quick measurement on CPU."""
+    """Peak matrix FLOP/s that MFU is measured against: what the hardware can do at its best precision.
+
+    GPUs: the datasheet dense bf16 figure. CPUs: a quick fp32 matrix-multiply measurement, or the bf16 one
+    when the CPU has native bf16 units. A precision the hardware runs slowly is judged against the fast one,
+    so a slow choice shows up as a low MFU instead of looking efficient against its own slow peak.
+    """
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        for key, value in _GPU_PEAK_BF16.items():
-            if key in name:
-                return value if precision != "fp32" else value / 2  # tf32 tensor cores
-        return 100e12
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(1024, 1024, dtype=dtype)
-    b = torch.randn(1024, 1024, dtype=dtype)
+        return next((v for k, v in _GPU_PEAK_BF16.items() if k in name), 100e12)
+    best = _measure_matmul(torch.float32)
+    if cpu_has_fast_bf16():
+        best = max(best, _measure_matmul(torch.bfloat16))
+    return best
+
+
+def _measure_matmul(dtype: torch.dtype, n: int = 1024) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
-    return 2 * 1024**3 / best
+    return 2 * n**3 / best

@@ -107,18 +107,6 @@ EncoderTrainConfig = EncoderRunConfig
 
 def load_encoder_config(preset: str | None = None, overrides: list[str] | None = None) -> EncoderRunConfig:
     """A validated ``EncoderRunConfig`` from an optional YAML file (or preset name) plus ``key.sub=value`` overrides."""
-    from sentcode.config import config_from_dict, load_config, parse_override
+    from sentcode.config import load_config
 
-    if preset is not None:
-        return load_config(preset, overrides, cls=EncoderRunConfig)
-    # No file: the dataclass defaults are the base, so start from an empty mapping.
-    data: dict = {}
-    for item in overrides or []:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k} is not a section")
-        node[keys[-1]] = value
-    return config_from_dict(data, cls=EncoderRunConfig)
+    return load_config(preset, overrides, cls=EncoderRunConfig)

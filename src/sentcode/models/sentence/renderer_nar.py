@@ -156,20 +156,9 @@ class NARRunConfig:
 
 def load_nar_config(preset: str | None = None, overrides: list[str] | None = None) -> NARRunConfig:
     """A validated ``NARRunConfig`` from an optional YAML file plus ``key.sub=value`` overrides."""
-    from sentcode.config import config_from_dict, load_config, parse_override
+    from sentcode.config import load_config
 
-    if preset is not None:
-        return load_config(preset, overrides, cls=NARRunConfig)
-    data: dict = {}  # no file: the dataclass defaults are the base
-    for item in overrides or []:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k} is not a section")
-        node[keys[-1]] = value
-    return config_from_dict(data, cls=NARRunConfig)
+    return load_config(preset, overrides, cls=NARRunConfig)
 
 
 def collate_context(contexts: Sequence[bytes], n: int) -> torch.Tensor:
