@@ -69,12 +69,7 @@ class LM(nn.Module):
         return self.cfg.balance_coef * torch.stack(losses).sum() if losses else torch.zeros(())
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self(idx)
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        if mask is not None:
-            m = mask.reshape(-1).float()
-            return (ce * m).sum() / m.sum().clamp(min=1)
-        return ce.mean()
+        return next_token_loss(self(idx), targets, mask)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -88,3 +83,12 @@ class LM(nn.Module):
         n = self.num_params(non_embedding=True) + (0 if not c.tie_embeddings else self.embed.weight.numel())
         span = min(seq_len, c.attn_window or seq_len)
         return 6 * n + 6 * c.n_layer * c.d_model * span
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy in float32 over the targets that count (all of them without a mask)."""
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    if mask is None:
+        return ce.mean()
+    m = mask.reshape(-1).float()
+    return (ce * m).sum() / m.sum().clamp(min=1)

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from sentcode.config import LMConfig, load_config
@@ -14,7 +13,7 @@ from sentcode.data import DataDir, WindowLoader
 from sentcode.errors import SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
 from sentcode.io import write_json
-from sentcode.models.lm import LM
+from sentcode.models.lm import LM, next_token_loss
 from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask, run_training
 from sentcode.train.runinfo import write_run_files
@@ -23,8 +22,7 @@ from sentcode.train.runinfo import write_run_files
 def lm_loss(model, batch) -> torch.Tensor:
     """Next-token cross-entropy through the (possibly compiled or DDP-wrapped) model, plus router balance."""
     x, y = batch
-    logits = model(x)
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    ce = next_token_loss(model(x), y)
     return ce + ckpt_io.unwrap(model).aux_loss().to(ce.device)
 
 
