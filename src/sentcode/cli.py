@@ -20,6 +20,81 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
 
 
+def _add_run_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a sentence pipeline run directory (from `sentcode pipeline sentence`)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live progress bar")
+
+
+def _add_sentence_train(train_sub) -> None:
+    pl = train_sub.add_parser("planner", help="train the planner stage of a sentence pipeline run",
+                              description="Train the planner on the run's per-document RVQ codes (stage 'planner': "
+                              "RUN_DIR/planner), then store its greedy predicted codes for every split. Needs the "
+                              "rvq stage; later stages become stale and are redone by the next pipeline run.")
+    _add_run_dir(pl)
+    rd = train_sub.add_parser("renderer", help="train a renderer stage of a sentence pipeline run",
+                              description="Train a renderer of a sentence pipeline run: --kind ar (codes + context -> "
+                              "bytes, stage 'renderer'), nocode (the no-code ablation, stage 'renderer-nocode') or nar "
+                              "(the non-autoregressive renderer, stage 'renderer-nar', when available).")
+    _add_run_dir(rd)
+    rd.add_argument("--kind", choices=["ar", "nar", "nocode"], default="ar", help="which renderer (default ar)")
+
+
+def _add_sentence_commands(sub) -> None:
+    from sentcode.pipeline.sentence import STAGES
+
+    pipe = sub.add_parser("pipeline", help="build a model end to end from a corpus (cached stages)")
+    pipe_sub = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="FAMILY")
+    ps = pipe_sub.add_parser(
+        "sentence", help="the sentence-step LM: sentences, encoder, embeddings, RVQ, planner, renderers, eval",
+        description="Build a sentence-step LM in RUN_DIR, one sub-directory per stage (" + ", ".join(STAGES) + "). "
+        "A stage whose inputs and config are unchanged is skipped, so re-running is cheap; --from STAGE redoes "
+        "that stage and every later one. Ctrl+C stops; the interrupted stage is redone next time.")
+    ps.add_argument("--corpus", nargs="+", default=["sotu"], metavar="SPEC",
+                    help="sotu (default), sample, a file, a folder, a .jsonl, a corpus .yaml, or hf:NAME[:CONFIG][:SPLIT]")
+    ps.add_argument("--preset", default="sentence-tiny", help="sentence-tiny (default), sentence-small, or a CONFIG.yaml")
+    ps.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
+    ps.add_argument("--from", dest="from_stage", choices=STAGES, default=None, metavar="STAGE",
+                    help="redo this stage and all later ones (" + ", ".join(STAGES) + ")")
+    ps.add_argument("--until", choices=STAGES, default=None, metavar="STAGE", help="stop after this stage")
+    ps.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set encoder.model.d_model=64 --set budgets.renderer.max_steps=500")
+    ps.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    ps.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live progress bar")
+
+    sp = sub.add_parser("sentences", help="split the corpus stage of a sentence pipeline run into sentences",
+                        description="Stage 'sentences': split each document of RUN_DIR/corpus into sentences "
+                        "(nupunkt; over-long ones cut into pieces) and write RUN_DIR/sentences.")
+    _add_run_dir(sp)
+    enc = sub.add_parser("encoder", help="the byte sentence encoder stage of a sentence pipeline run")
+    enc_sub = enc.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")
+    et = enc_sub.add_parser("train", help="train the byte sentence encoder (stage 'encoder')",
+                            description="Train the byte sentence encoder on the run's training sentences "
+                            "(contrastive, objective from the config: 'next' by default) into RUN_DIR/encoder.")
+    _add_run_dir(et)
+    em = sub.add_parser("embed", help="embed every sentence of a sentence pipeline run (stage 'embed')",
+                        description="Embed every sentence of every split with the trained encoder; writes float32 "
+                        "memmaps RUN_DIR/embed/SPLIT.npy with a JSON sidecar.")
+    _add_run_dir(em)
+    rvq = sub.add_parser("rvq", help="the residual VQ stage of a sentence pipeline run")
+    rvq_sub = rvq.add_subparsers(dest="rvq_command", required=True, metavar="ACTION")
+    rf = rvq_sub.add_parser("fit", help="fit the RVQ on train embeddings, report health, encode all splits",
+                            description="Stage 'rvq': k-means++ and Lloyd iterations per level on the training "
+                            "embeddings; writes rvq.safetensors, rvq.json, report.json (val health) and per-split "
+                            "codes [N, K] and residuals.")
+    _add_run_dir(rf)
+    re_ = rvq_sub.add_parser("encode", help="re-encode every split with the fitted RVQ",
+                             description="Re-encode every split's embeddings with the stored quantizer (after "
+                             "re-embedding, say); stages that read the codes become stale if the codes change.")
+    _add_run_dir(re_)
+    rr = rvq_sub.add_parser("report", help="per-level health of the fitted RVQ on a split",
+                            description="Per level: reconstruction cosine and MSE, residual energy, share of codes "
+                            "used, code perplexity and dead codes, on the chosen split's embeddings.")
+    _add_run_dir(rr)
+    rr.add_argument("--split", choices=["train", "val", "test"], default="val", help="split to measure (default val)")
+    rr.add_argument("--json", action="store_true", help="print JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sentcode",
@@ -55,22 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     lm.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live progress bar")
 
+    _add_sentence_train(train_sub)
+    _add_sentence_commands(sub)
+
     ev = sub.add_parser("eval", help="bits per byte of a trained run",
                         description="A full deterministic pass over the held-out test split (or a text file); "
                         "prints bits per UTF-8 byte.")
-    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a flat LM run or a sentence pipeline run (two-part bpb and its parts)")
     ev.add_argument("--text-file", default=None, metavar="FILE", help="score this file instead of the held-out split")
     ev.add_argument("--split", choices=["val", "test"], default="test", help="held-out split to score (default test)")
     ev.add_argument("--json", action="store_true", help="print one JSON object (bpb, bytes, tokens, ...)")
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained run",
-                         description="Sample a continuation of --prompt. Temperature 0 is greedy.")
+                         description="Sample a continuation of --prompt. Temperature 0 is greedy. A flat LM run "
+                         "writes up to --max-bytes bytes; a sentence pipeline run writes up to --max-sentences "
+                         "sentences, each chosen among --rerank candidates by agreement with the planned codes.")
     gen.add_argument("run_dir", metavar="RUN_DIR")
     gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max-bytes", type=int, default=200, help="most bytes to generate (default 200)")
+    gen.add_argument("--max-bytes", type=int, default=200, help="flat LM: most bytes to generate (default 200)")
     _add_sampling(gen)
-    gen.add_argument("--stop", default=None, metavar="STR", help="stop before this string")
-    gen.add_argument("--no-cache", action="store_true", help="recompute attention over the whole window at every step")
+    gen.add_argument("--stop", default=None, metavar="STR", help="flat LM: stop before this string")
+    gen.add_argument("--no-cache", action="store_true", help="flat LM: recompute attention over the whole window at every step")
+    gen.add_argument("--max-sentences", type=int, default=None,
+                     help="sentence run: most sentences to generate, 1 to 64 (default 3)")
+    rr = gen.add_mutually_exclusive_group()
+    rr.add_argument("--rerank", type=int, default=None, metavar="N",
+                    help="sentence run: candidates rendered per sentence and reranked (default 4; 0 or 1: none)")
+    rr.add_argument("--no-rerank", action="store_true", help="sentence run: take the first candidate (same as --rerank 1)")
+    gen.add_argument("--stream", action="store_true", help="sentence run: print each sentence as soon as it is chosen")
 
     demo = sub.add_parser("demo", help="the main job: prepare the default corpus, train, evaluate, sample",
                           description="Prepare the default corpus, train the tiny flat byte LM for a few minutes, "
@@ -78,7 +165,76 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="where data and runs go (default runs/demo)")
     demo.add_argument("--corpus", default="sotu", help="corpus spec (default sotu)")
     demo.add_argument("--minutes", type=float, default=3.0, help="training time budget in minutes (default 3)")
+    demo.add_argument("--sentence", action="store_true",
+                      help="instead: build the tiny sentence-step LM pipeline (~12 min), evaluate it and sample")
     return parser
+
+
+_SENTENCE_COMMANDS = ("pipeline", "sentences", "encoder", "embed", "rvq")
+
+
+def _progress(args):
+    return "plain" if args.no_progress else True
+
+
+def _dispatch_sentence(args) -> int:
+    from sentcode.pipeline import sentence as pipe
+
+    if args.command == "pipeline":
+        corpus = args.corpus if len(args.corpus) > 1 else args.corpus[0]
+        r = pipe.run_pipeline(corpus, args.out, preset=args.preset, overrides=args.overrides,
+                              from_stage=args.from_stage, until=args.until, progress=_progress(args), device=args.device)
+        times = ", ".join(f"{k} {v:.0f}s" for k, v in r["seconds"].items() if v is not None)
+        print(f"ran {len(r['ran'])} stage(s), skipped {len(r['skipped'])} up to date; stage seconds: {times}")
+        if "eval" in r:
+            from sentcode.eval.sentence import format_sentence_result
+
+            print(format_sentence_result(r["eval"]))
+        print(f"run directory {args.out}")
+        return 0
+    if args.command == "rvq" and args.rvq_command == "encode":
+        r = pipe.rvq_encode(args.run_dir)
+        print(f"re-encoded {sum(r['sentences'].values()):,} sentences; codes {'changed' if r['changed'] else 'unchanged'}")
+        return 0
+    if args.command == "rvq" and args.rvq_command == "report":
+        import json
+
+        rows = pipe.rvq_report(args.run_dir, args.split)
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for r in rows:
+                print(f"level {r['level']}: cosine {r['cosine']:.4f}  mse {r['mse']:.3g}  residual energy "
+                      f"{r['residual_energy']:.4f}  used {r['used']:.3f}  perplexity {r['perplexity']:.1f}  dead {r['dead']}")
+        return 0
+    stage = {"sentences": "sentences", "encoder": "encoder", "embed": "embed", "rvq": "rvq"}.get(args.command)
+    if args.command == "train":
+        stage = "planner" if args.train_command == "planner" else \
+            {"ar": "renderer", "nocode": "renderer-nocode", "nar": "renderer-nar"}[args.kind]
+    rec = pipe.run_stage(args.run_dir, stage, progress=_progress(args), device=args.device)
+    print(f"stage {stage} done in {rec['seconds']:.1f}s; later stages are redone by the next "
+          f"`sentcode pipeline sentence --out {args.run_dir}`")
+    return 0
+
+
+def _generate_sentence(g, args) -> int:
+    if args.stop is not None or args.no_cache:
+        raise SentcodeError("--stop and --no-cache apply to flat LM runs, not sentence pipeline runs")
+    rerank = 1 if args.no_rerank else (4 if args.rerank is None else args.rerank)
+    max_sentences = 3 if args.max_sentences is None else args.max_sentences
+    kw = dict(max_sentences=max_sentences, rerank=rerank, temperature=args.temperature, seed=args.seed,
+              top_k=args.top_k, top_p=args.top_p)
+    pieces = g.stream(args.prompt, **kw)  # checked before anything is printed
+    sys.stdout.write(args.prompt)
+    if args.stream:
+        for piece in pieces:
+            sys.stdout.write(" " + piece)
+            sys.stdout.flush()
+    else:
+        text = " ".join(pieces)
+        sys.stdout.write(" " + text if text else "")
+    sys.stdout.write("\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +260,8 @@ def _dispatch(args) -> int:
             print(f"{name}: {s['documents']} documents, {s['bytes']:,} bytes, {s['tokens']:,} tokens")
         print(f"wrote {args.out}")
         return 0
+    if args.command in _SENTENCE_COMMANDS or (args.command == "train" and args.train_command != "lm"):
+        return _dispatch_sentence(args)
     if args.command == "train":
         from sentcode.train.lm import train_lm
 
@@ -128,6 +286,11 @@ def _dispatch(args) -> int:
         import sentcode
 
         g = sentcode.load(args.run_dir)
+        if getattr(g, "family", "lm") == "sentence":
+            return _generate_sentence(g, args)
+        if args.max_sentences is not None or args.rerank is not None or args.no_rerank or args.stream:
+            raise SentcodeError("--max-sentences, --rerank, --no-rerank and --stream apply to sentence pipeline runs; "
+                                "this is a flat LM run (use --max-bytes)")
         pieces = g.stream(args.prompt, max_bytes=args.max_bytes, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
         sys.stdout.write(args.prompt)  # only once the request is known to be valid
@@ -137,9 +300,12 @@ def _dispatch(args) -> int:
         sys.stdout.write("\n")
         return 0
     if args.command == "demo":
-        from sentcode.demo import run_demo
+        from sentcode.demo import run_demo, run_sentence_demo
 
-        run_demo(args.out, corpus=args.corpus, minutes=args.minutes)
+        if args.sentence:
+            run_sentence_demo(args.out, corpus=args.corpus)
+        else:
+            run_demo(args.out, corpus=args.corpus, minutes=args.minutes)
         return 0
     raise AssertionError(args.command)
 

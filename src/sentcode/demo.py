@@ -47,3 +47,21 @@ def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float
     (run / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nrun directory: {run}")
     return result
+
+
+def run_sentence_demo(out: str | Path = "runs/demo", corpus: str = "sotu") -> dict:
+    """The sentence-step counterpart: build the tiny sentence pipeline (cached: a second run only evaluates
+    and samples), print its two-part evaluation and closed-loop continuations."""
+    import sentcode
+    from sentcode.eval.sentence import format_sentence_result
+    from sentcode.pipeline import run_pipeline
+
+    run = Path(out) / "sentence-tiny"
+    print(f"building the tiny sentence-step LM on {corpus} (about 12 minutes on 2 CPU cores; stages are cached)")
+    result = run_pipeline(corpus, run, preset="sentence-tiny")
+    print("\n" + format_sentence_result(result["eval"]))
+    g = sentcode.load(run)
+    for prompt in ("The state of the Union is strong.", "We must act now.", "Our economy is growing."):
+        print(f"\n> {prompt} {g.generate(prompt, max_sentences=3, temperature=0.7, seed=0)}")
+    print(f"\nrun directory: {run}")
+    return result

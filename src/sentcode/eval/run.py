@@ -29,7 +29,12 @@ def read_text_file(path: str | Path) -> bytes:
 
 
 def evaluate_run(gen, text_file: str | Path | None = None, split: str = "test", max_tokens: int | None = None) -> dict:
-    """Bits per byte of a loaded generator over a data split or a file, as a JSON-ready dict."""
+    """Bits per byte of a loaded generator over a data split or a file, as a JSON-ready dict.
+
+    A sentence-step run reports its two-part bits per byte under the same ``bpb`` key, plus its parts.
+    """
+    if getattr(gen, "family", "lm") == "sentence":
+        return _evaluate_sentence(gen, text_file, split)
     tok = gen.tokenizer
     if text_file is not None:
         ids = tok.encode(read_text_file(text_file))
@@ -46,7 +51,27 @@ def evaluate_run(gen, text_file: str | Path | None = None, split: str = "test", 
     return {"family": gen.family, "source": source, "tokenizer": tok.kind, **result}
 
 
+def _evaluate_sentence(gen, text_file, split: str) -> dict:
+    from sentcode.eval.sentence import evaluate_sentence_run
+    from sentcode.pipeline.sentence import input_hash, read_stage, stage_dir
+
+    if text_file is None and split == "test":
+        # The pipeline's eval stage already scored the test split: reuse it while it is up to date.
+        rec = read_stage(gen.run_dir, "eval")
+        cached = stage_dir(gen.run_dir, "eval") / "eval.json"
+        if rec is not None and cached.is_file() and rec.get("input_hash") == input_hash(gen.run_dir, gen.cfg, "eval"):
+            return json.loads(cached.read_text())
+    if text_file is not None:
+        data = read_text_file(text_file)
+        return {"family": "sentence", "source": str(text_file), **gen.score_details(data)}
+    return evaluate_sentence_run(gen.run_dir, split=split, cfg=gen.cfg)
+
+
 def format_result(result: dict) -> str:
+    if result.get("family") == "sentence":
+        from sentcode.eval.sentence import format_sentence_result
+
+        return format_sentence_result(result)
     return (f"{result['source']}: {result['bpb']:.4f} bits per byte "
             f"({result['bytes']:,} bytes, {result['tokens']:,} tokens)")
 

@@ -158,7 +158,11 @@ def load(run_dir: str | Path, device: str = "cpu"):
     """Load any trained run directory and return its generator."""
     run_dir = Path(run_dir)
     cfg_dict, run_info = _read_run(run_dir)
-    family = cfg_dict.get("family", "lm")
+    family = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
+    if family == "sentence":  # a `sentcode pipeline sentence` run directory
+        from sentcode.infer.sentence import load_sentence
+
+        return load_sentence(run_dir, device=device)
     if family != "lm":
         raise SentcodeError(f"{run_dir} holds a {family!r} model, which this version cannot load")
     cfg = config_from_dict(cfg_dict)
