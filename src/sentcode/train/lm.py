@@ -17,6 +17,7 @@ from sentcode.models.lm import LM, next_token_loss
 from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask, run_training
 from sentcode.train.runinfo import write_run_files
+from sentcode.train.runs import export_weights, is_rank0
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -101,23 +102,7 @@ def train_lm(
         resume=resume_path, device=device, progress=progress, stop_at=stop_at,
     )
     model = summary.pop("model")
-    if summary["status"] == "completed" and _is_rank0():
-        export_weights(model, run_dir)
+    if summary["status"] == "completed" and is_rank0():
+        export_weights(model, run_dir / "model.safetensors")
         write_json(run_dir / "train_summary.json", summary)
     return summary
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def export_weights(model, run_dir: Path) -> None:
-    """Final weights as safetensors (shared tied weights stored once), for inference."""
-    from safetensors.torch import save_model
-
-    from sentcode.io import atomic_path
-
-    with atomic_path(run_dir / "model.safetensors") as tmp:
-        save_model(ckpt_io.unwrap(model), str(tmp))

@@ -39,13 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
-from sentcode.config import config_from_dict
 from sentcode.data.embeddings import sentences_sha256
-from sentcode.errors import CheckpointError, ConfigError, DataError, SentcodeError
+from sentcode.errors import ConfigError, DataError, SentcodeError
 from sentcode.infer.sampling import make_generator
-from sentcode.io import atomic_path, write_json
+from sentcode.io import write_json
 from sentcode.models.sentence.encoder import BOS_ID, PAD_ID, ByteSentenceEncoder
 from sentcode.models.sentence.renderer_nar import (
     FAMILY, NARRenderer, NARRendererConfig, NARRunConfig, NARTrainConfig, collate_context, load_nar_config,
@@ -54,6 +52,7 @@ from sentcode.nn import rope_cos_sin
 from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask, run_training
 from sentcode.train.runinfo import write_run_files
+from sentcode.train.runs import export_weights, is_rank0, load_weights, read_run_config
 
 __all__ = [
     "NARRunConfig", "NARBatches", "SentenceReward", "ValNAR", "repetition_score", "build_nar_task",
@@ -541,50 +540,18 @@ def train_nar_renderer(
         cfg.to_dict(), resume=resume_path, device=device, progress=progress, stop_at=stop_at,
     )
     model = summary.pop("model")
-    if summary["status"] == "completed" and _is_rank0():
+    if summary["status"] == "completed" and is_rank0():
         export_nar_renderer(model, run_dir)
         write_json(run_dir / "train_summary.json", summary)
     return summary
 
 
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def export_nar_renderer(model, run_dir: Path) -> None:
-    from safetensors.torch import save_model
-
-    with atomic_path(Path(run_dir) / WEIGHTS) as tmp:
-        save_model(ckpt_io.unwrap(model), str(tmp))
+    export_weights(model, Path(run_dir) / WEIGHTS)
 
 
 def load_nar_renderer(run_dir: str | Path, device: str | torch.device = "cpu") -> NARRenderer:
     """The trained NAR renderer of a run directory, in eval mode: its exported weights, or else its latest
     checkpoint (a run that was interrupted)."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a training run (no config.yaml)")
-    data = yaml.safe_load(cfg_path.read_text()) or {}
-    family = data.get("family") if isinstance(data, dict) else None
-    if family != FAMILY:
-        raise CheckpointError(f"{run_dir} is a {family!r} run, not a {FAMILY} run")
-    cfg = config_from_dict(data, cls=NARRunConfig)
-    model = NARRenderer(cfg.renderer)
-    weights = run_dir / WEIGHTS
-    if weights.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(weights))
-        except Exception as e:  # safetensors raises its own error types for truncated files
-            raise CheckpointError(f"cannot read {weights}: {type(e).__name__}") from None
-        ckpt_io.load_model_state(model, state, str(weights))
-    else:
-        latest = ckpt_io.latest_checkpoint(run_dir)
-        if latest is None:
-            raise CheckpointError(f"{run_dir} has neither {WEIGHTS} nor a checkpoint to load")
-        ckpt_io.load_model_state(model, ckpt_io.load_checkpoint(latest)["model"], str(latest))
-    return model.to(device).eval()
+    cfg = read_run_config(run_dir, FAMILY, NARRunConfig)
+    return load_weights(NARRenderer(cfg.renderer), run_dir, WEIGHTS).to(device).eval()
