@@ -1,3 +1,4 @@
+import json
 import math
 import shutil
 import signal
@@ -222,3 +223,18 @@ def test_seed_fixes_initial_weights(bytes_data, tmp_path):
     assert l1 == l2
     assert not torch.equal(w1["embed.weight"], w3["embed.weight"])
     assert l1 != l3
+
+
+def test_tensorboard_logging_writes_events(bytes_data, tmp_path):
+    """The optional TensorBoard logger receives the same scalars as metrics.jsonl (skipped without the extra)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    train_lm(bytes_data, run, preset="tiny", overrides=TINY + ["train.tensorboard=true"], max_steps=3, progress=False)
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("loss")]
+    logged = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 3
+    assert losses == pytest.approx(logged, rel=1e-6)
