@@ -18,13 +18,12 @@ import torch.nn.functional as F
 
 from sentcode.data.embeddings import sentences_sha256
 from sentcode.errors import DataError, SentcodeError
-from sentcode.io import write_json
 from sentcode.models.sentence.config import FAMILY, EncoderConfig, EncoderRunConfig, load_encoder_config
 from sentcode.models.sentence.encoder import ByteSentenceEncoder, collate_bytes
 from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import export_weights, is_rank0, load_weights, read_run_config
-from sentcode.train.loop import TrainTask, run_training
+from sentcode.train.runs import load_weights, read_run_config, train_and_export
+from sentcode.train.loop import TrainTask
 
 WEIGHTS = "encoder.safetensors"
 EVAL_MAX_PAIRS = 4096
@@ -296,19 +295,9 @@ def train_encoder(
             if old is not None and old != _docs_sha256(sentences_train):
                 raise SentcodeError(f"{run_dir} was trained on other sentences; resume it with the same training corpus")
     write_encoder_run_header(run_dir, cfg, sentences_train, sentences_val)
-    summary = run_training(
-        run_dir, cfg.train, lambda info, dev: build_encoder_task(cfg, train_corpus, val, info, dev),
-        cfg.to_dict(), resume=resume_path, device=device, progress=progress, stop_at=stop_at,
-    )
-    model = summary.pop("model")
-    if summary["status"] == "completed" and is_rank0():
-        export_encoder(model, run_dir)
-        write_json(run_dir / "train_summary.json", summary)
-    return summary
+    return train_and_export(run_dir, cfg, lambda info, dev: build_encoder_task(cfg, train_corpus, val, info, dev), WEIGHTS,
+                            resume=resume_path, device=device, progress=progress, stop_at=stop_at)
 
-
-def export_encoder(model, run_dir: Path) -> None:
-    export_weights(model, Path(run_dir) / WEIGHTS)
 
 
 def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> ByteSentenceEncoder:

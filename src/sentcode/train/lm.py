@@ -12,12 +12,11 @@ from sentcode.config import LMConfig, load_config
 from sentcode.data import DataDir, WindowLoader
 from sentcode.errors import SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
-from sentcode.io import write_json
 from sentcode.models.lm import LM, next_token_loss
 from sentcode.train import checkpoint as ckpt_io
-from sentcode.train.loop import TrainTask, run_training
+from sentcode.train.loop import TrainTask
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import export_weights, is_rank0
+from sentcode.train.runs import train_and_export
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -97,12 +96,5 @@ def train_lm(
             raise SentcodeError(f"{resume_path} was saved by another model configuration; cannot resume it with this one")
         del state
     write_run_header(run_dir, cfg, data)
-    summary = run_training(
-        run_dir, cfg.train, lambda info, dev: build_lm_task(cfg, data, info, dev), cfg.to_dict(),
-        resume=resume_path, device=device, progress=progress, stop_at=stop_at,
-    )
-    model = summary.pop("model")
-    if summary["status"] == "completed" and is_rank0():
-        export_weights(model, run_dir / "model.safetensors")
-        write_json(run_dir / "train_summary.json", summary)
-    return summary
+    return train_and_export(run_dir, cfg, lambda info, dev: build_lm_task(cfg, data, info, dev), "model.safetensors",
+                            resume=resume_path, device=device, progress=progress, stop_at=stop_at)

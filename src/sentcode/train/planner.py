@@ -20,14 +20,13 @@ import numpy as np
 import torch
 
 from sentcode.errors import DataError, SentcodeError
-from sentcode.io import write_json
 from sentcode.models.sentence.planner import (
     FAMILY, Planner, PlannerConfig, PlannerRunConfig, PlannerTrainConfig, load_planner_config,
 )
 from sentcode.train import checkpoint as ckpt_io
-from sentcode.train.loop import TrainTask, run_training
+from sentcode.train.loop import TrainTask
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import export_weights, is_rank0, load_weights, read_run_config
+from sentcode.train.runs import load_weights, read_run_config, train_and_export
 
 __all__ = [
     "PlanBatch", "PlanBatches", "PlanDocs", "PlanEval", "PlannerRunConfig", "PlannerTrainConfig",
@@ -333,19 +332,9 @@ def train_planner(
             if old is not None and old != train.sha256():
                 raise SentcodeError(f"{run_dir} was trained on other code sequences; resume it with the same training data")
     write_run_files(run_dir, cfg, train_corpus=train.info(), val_corpus=val_set.info())
-    summary = run_training(
-        run_dir, cfg.train, lambda info, dev: build_planner_task(cfg, train, val, info, dev),
-        cfg.to_dict(), resume=resume_path, device=device, progress=progress, stop_at=stop_at,
-    )
-    model = summary.pop("model")
-    if summary["status"] == "completed" and is_rank0():
-        export_planner(model, run_dir)
-        write_json(run_dir / "train_summary.json", summary)
-    return summary
+    return train_and_export(run_dir, cfg, lambda info, dev: build_planner_task(cfg, train, val, info, dev), WEIGHTS,
+                            resume=resume_path, device=device, progress=progress, stop_at=stop_at)
 
-
-def export_planner(model, run_dir: Path) -> None:
-    export_weights(model, Path(run_dir) / WEIGHTS)
 
 
 def load_planner(run_dir: str | Path, device: str | torch.device = "cpu") -> Planner:

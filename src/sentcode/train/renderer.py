@@ -25,18 +25,17 @@ import torch
 
 from sentcode.data.embeddings import sentences_sha256
 from sentcode.errors import DataError, SentcodeError
-from sentcode.io import write_json
 from sentcode.models.sentence.renderer import (
     FAMILY, ARRenderer, RenderBatch, RendererConfig, RendererRunConfig, collate_render, load_renderer_config, tail,
 )
 from sentcode.train import checkpoint as ckpt_io
-from sentcode.train.loop import TrainTask, run_training
+from sentcode.train.loop import TrainTask
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import export_weights, is_rank0, load_weights, read_run_config
+from sentcode.train.runs import load_weights, read_run_config, train_and_export
 
 __all__ = [
     "RenderDoc", "RenderBatches", "ValRender", "RendererRunConfig", "build_renderer_task", "train_renderer",
-    "load_renderer", "export_renderer",
+    "load_renderer",
 ]
 
 WEIGHTS = "renderer.safetensors"
@@ -334,19 +333,9 @@ def train_renderer(
             if old is not None and old != _docs_sha256(train_docs):
                 raise SentcodeError(f"{run_dir} was trained on other documents; resume it with the same training corpus")
     write_run_files(run_dir, cfg, train_corpus=_corpus_info(train_docs), val_corpus=_corpus_info(val_docs))
-    summary = run_training(
-        run_dir, cfg.train, lambda info, dev: build_renderer_task(cfg, train, val, info, dev),
-        cfg.to_dict(), resume=resume_path, device=device, progress=progress, stop_at=stop_at,
-    )
-    model = summary.pop("model")
-    if summary["status"] == "completed" and is_rank0():
-        export_renderer(model, run_dir)
-        write_json(run_dir / "train_summary.json", summary)
-    return summary
+    return train_and_export(run_dir, cfg, lambda info, dev: build_renderer_task(cfg, train, val, info, dev), WEIGHTS,
+                            resume=resume_path, device=device, progress=progress, stop_at=stop_at)
 
-
-def export_renderer(model, run_dir: Path) -> None:
-    export_weights(model, Path(run_dir) / WEIGHTS)
 
 
 def load_renderer(run_dir: str | Path, device: str | torch.device = "cpu") -> ARRenderer:

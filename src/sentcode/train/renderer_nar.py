@@ -43,20 +43,19 @@ import torch.nn.functional as F
 from sentcode.data.embeddings import sentences_sha256
 from sentcode.errors import ConfigError, DataError, SentcodeError
 from sentcode.infer.sampling import make_generator
-from sentcode.io import write_json
 from sentcode.models.sentence.encoder import BOS_ID, PAD_ID, ByteSentenceEncoder
 from sentcode.models.sentence.renderer_nar import (
     FAMILY, NARRenderer, NARRendererConfig, NARRunConfig, NARTrainConfig, collate_context, load_nar_config,
 )
 from sentcode.nn import rope_cos_sin
 from sentcode.train import checkpoint as ckpt_io
-from sentcode.train.loop import TrainTask, run_training
+from sentcode.train.loop import TrainTask
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import export_weights, is_rank0, load_weights, read_run_config
+from sentcode.train.runs import load_weights, read_run_config, train_and_export
 
 __all__ = [
     "NARRunConfig", "NARBatches", "SentenceReward", "ValNAR", "repetition_score", "build_nar_task",
-    "train_nar_renderer", "load_nar_renderer", "export_nar_renderer",
+    "train_nar_renderer", "load_nar_renderer",
 ]
 
 WEIGHTS = "renderer_nar.safetensors"
@@ -535,19 +534,9 @@ def train_nar_renderer(
     write_run_files(run_dir, cfg, train_corpus=_corpus_info(train_docs), val_corpus=_corpus_info(val_docs),
                     reward_encoder_sha256=reward_sha, judge=type(judge_encoder).__name__,
                     judge_sha256=_state_sha256(judge_encoder))
-    summary = run_training(
-        run_dir, cfg.train, lambda info, dev: build_nar_task(cfg, train, val, reward_encoder, judge_encoder, info, dev),
-        cfg.to_dict(), resume=resume_path, device=device, progress=progress, stop_at=stop_at,
-    )
-    model = summary.pop("model")
-    if summary["status"] == "completed" and is_rank0():
-        export_nar_renderer(model, run_dir)
-        write_json(run_dir / "train_summary.json", summary)
-    return summary
+    return train_and_export(run_dir, cfg, lambda info, dev: build_nar_task(cfg, train, val, reward_encoder, judge_encoder, info, dev), WEIGHTS,
+                            resume=resume_path, device=device, progress=progress, stop_at=stop_at)
 
-
-def export_nar_renderer(model, run_dir: Path) -> None:
-    export_weights(model, Path(run_dir) / WEIGHTS)
 
 
 def load_nar_renderer(run_dir: str | Path, device: str | torch.device = "cpu") -> NARRenderer:

@@ -61,3 +61,19 @@ def load_weights(model: torch.nn.Module, run_dir: str | Path, weights_name: str)
             raise CheckpointError(f"{run_dir} has neither {weights_name} nor a checkpoint to load")
         ckpt_io.load_model_state(model, ckpt_io.load_checkpoint(latest)["model"], str(latest))
     return model
+
+
+def train_and_export(run_dir: str | Path, cfg, build_task, weights_name: str, resume: Path | None = None,
+                     device: str = "auto", progress: bool | str = True, stop_at: int | None = None) -> dict:
+    """Run the shared training loop for ``cfg`` and, once it completes, export the weights and the summary."""
+    from sentcode.io import write_json
+    from sentcode.train.loop import run_training
+
+    run_dir = Path(run_dir)
+    summary = run_training(run_dir, cfg.train, build_task, cfg.to_dict(), resume=resume, device=device,
+                           progress=progress, stop_at=stop_at)
+    model = summary.pop("model")
+    if summary["status"] == "completed" and is_rank0():
+        export_weights(model, run_dir / weights_name)
+        write_json(run_dir / "train_summary.json", summary)
+    return summary
