@@ -99,6 +99,11 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     unwrap(model).load_state_dict(state)
 
 
+def model_sections(config: dict) -> dict:
+    """Every config section that defines the model (all but ``train``, which a resumed run may change)."""
+    return {k: v for k, v in (config or {}).items() if k != "train"}
+
+
 _STEP_RE = re.compile(r"step-(\d+)\.pt$")
 
 

@@ -8,7 +8,6 @@ anchor (objective "same").
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,12 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from sentcode.data.embeddings import sentences_sha256
-from sentcode.errors import DataError, SentcodeError
+from sentcode.errors import DataError
 from sentcode.models.sentence.config import FAMILY, EncoderConfig, EncoderRunConfig, load_encoder_config
 from sentcode.models.sentence.encoder import ByteSentenceEncoder, collate_bytes
-from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import load_weights, read_run_config, train_and_export
+from sentcode.train.runs import check_resume, load_weights, read_run_config, train_and_export
 from sentcode.train.loop import TrainTask
 
 WEIGHTS = "encoder.safetensors"
@@ -281,19 +279,8 @@ def train_encoder(
     train_corpus = _Sentences(sentences_train, cfg.encoder.max_bytes, "training")
     PairBatches(train_corpus, cfg.encoder, cfg.train.micro_batch)
     val = ValPairs(sentences_val, cfg.encoder, cfg.train.micro_batch, seed=cfg.train.seed)
-    resume_path = ckpt_io.resolve_resume(run_dir, resume)
-    if resume_path is None and ckpt_io.latest_checkpoint(run_dir) is not None:
-        raise SentcodeError(f"{run_dir} already holds a training run; pass --resume auto to continue it or choose another --out")
-    if resume_path is not None:
-        # The shared loop compares the "model" section only, which an encoder run does not have.
-        saved = ckpt_io.load_checkpoint(resume_path).get("config", {})
-        if saved.get("encoder") != cfg.to_dict()["encoder"]:
-            raise SentcodeError(f"{resume_path} was trained with another encoder configuration; cannot resume it with this one")
-        run_json = run_dir / "run.json"
-        if run_json.exists():
-            old = json.loads(run_json.read_text()).get("train_corpus", {}).get("sha256")
-            if old is not None and old != _docs_sha256(sentences_train):
-                raise SentcodeError(f"{run_dir} was trained on other sentences; resume it with the same training corpus")
+    resume_path = check_resume(run_dir, resume, cfg.to_dict(),
+                               {"train_corpus.sha256": (_docs_sha256(sentences_train), "other sentences")})
     write_encoder_run_header(run_dir, cfg, sentences_train, sentences_val)
     return train_and_export(run_dir, cfg, lambda info, dev: build_encoder_task(cfg, train_corpus, val, info, dev), WEIGHTS,
                             resume=resume_path, device=device, progress=progress, stop_at=stop_at)

@@ -6,17 +6,15 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
 from sentcode.config import LMConfig, load_config
 from sentcode.data import DataDir, WindowLoader
-from sentcode.errors import SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
 from sentcode.models.lm import LM, next_token_loss
 from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import train_and_export
+from sentcode.train.runs import check_resume, train_and_export
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -82,19 +80,7 @@ def train_lm(
     if max_steps is not None:
         overrides.append(f"train.max_steps={max_steps}")
     cfg = load_config(preset, overrides + [f"model.vocab_size={data.tokenizer.vocab_size}"])
-    resume_path = ckpt_io.resolve_resume(run_dir, resume)
-    if resume_path is None and ckpt_io.latest_checkpoint(run_dir) is not None:
-        raise SentcodeError(f"{run_dir} already holds a training run; pass --resume auto to continue it or choose another --out")
-    if resume_path is not None and (run_dir / "config.yaml").exists():
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        if saved.get("model") != cfg.to_dict()["model"]:
-            raise SentcodeError(f"{run_dir} was trained with another model configuration; cannot resume it with this one")
-    if resume_path is not None:
-        # read the checkpoint before touching the run directory: a corrupt or foreign one leaves it unchanged
-        state = ckpt_io.load_checkpoint(resume_path)
-        if state.get("config", {}).get("model") != cfg.to_dict()["model"]:
-            raise SentcodeError(f"{resume_path} was saved by another model configuration; cannot resume it with this one")
-        del state
+    resume_path = check_resume(run_dir, resume, cfg.to_dict())
     write_run_header(run_dir, cfg, data)
     return train_and_export(run_dir, cfg, lambda info, dev: build_lm_task(cfg, data, info, dev), "model.safetensors",
                             resume=resume_path, device=device, progress=progress, stop_at=stop_at)

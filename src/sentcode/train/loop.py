@@ -156,7 +156,7 @@ def run_training(
     metrics_path = run_dir / "metrics.jsonl"
     if resume is not None:
         state = ckpt_io.load_checkpoint(resume)
-        if state.get("config", {}).get("model") != config_dict.get("model"):
+        if ckpt_io.model_sections(state.get("config", {})) != ckpt_io.model_sections(config_dict):
             raise CheckpointError(f"{resume} belongs to another model configuration than this run's")
         ckpt_io.load_model_state(raw_model, state["model"], str(resume))
         optimizer.load_state_dict(state["optimizer"])

@@ -11,7 +11,6 @@ it reads the preceding tuple in BOS's place (see ``sentcode.models.sentence.plan
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sentcode.errors import DataError, SentcodeError
+from sentcode.errors import DataError
 from sentcode.models.sentence.planner import (
     FAMILY, Planner, PlannerConfig, PlannerRunConfig, PlannerTrainConfig, load_planner_config,
 )
-from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import load_weights, read_run_config, train_and_export
+from sentcode.train.runs import check_resume, load_weights, read_run_config, train_and_export
 
 __all__ = [
     "PlanBatch", "PlanBatches", "PlanDocs", "PlanEval", "PlannerRunConfig", "PlannerTrainConfig",
@@ -318,19 +316,8 @@ def train_planner(
     train = PlanDocs(train_docs, cfg.planner, "training")
     val_set = PlanDocs(val_docs, cfg.planner, "validation")
     val = PlanEval(val_set, cfg.planner.max_steps, unigram_logp(train))
-    resume_path = ckpt_io.resolve_resume(run_dir, resume)
-    if resume_path is None and ckpt_io.latest_checkpoint(run_dir) is not None:
-        raise SentcodeError(f"{run_dir} already holds a training run; pass --resume auto to continue it or choose another --out")
-    if resume_path is not None:
-        # The shared loop compares the "model" section only, which a planner run does not have.
-        saved = ckpt_io.load_checkpoint(resume_path).get("config", {})
-        if saved.get("planner") != cfg.to_dict()["planner"]:
-            raise SentcodeError(f"{resume_path} was trained with another planner configuration; cannot resume it with this one")
-        run_json = run_dir / "run.json"
-        if run_json.exists():
-            old = json.loads(run_json.read_text()).get("train_corpus", {}).get("sha256")
-            if old is not None and old != train.sha256():
-                raise SentcodeError(f"{run_dir} was trained on other code sequences; resume it with the same training data")
+    resume_path = check_resume(run_dir, resume, cfg.to_dict(),
+                               {"train_corpus.sha256": (train.sha256(), "other code sequences")})
     write_run_files(run_dir, cfg, train_corpus=train.info(), val_corpus=val_set.info())
     return train_and_export(run_dir, cfg, lambda info, dev: build_planner_task(cfg, train, val, info, dev), WEIGHTS,
                             resume=resume_path, device=device, progress=progress, stop_at=stop_at)

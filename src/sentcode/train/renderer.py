@@ -14,7 +14,6 @@ always reads the true codes, uncorrupted.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,14 +23,13 @@ import numpy as np
 import torch
 
 from sentcode.data.embeddings import sentences_sha256
-from sentcode.errors import DataError, SentcodeError
+from sentcode.errors import DataError
 from sentcode.models.sentence.renderer import (
     FAMILY, ARRenderer, RenderBatch, RendererConfig, RendererRunConfig, collate_render, load_renderer_config, tail,
 )
-from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import load_weights, read_run_config, train_and_export
+from sentcode.train.runs import check_resume, load_weights, read_run_config, train_and_export
 
 __all__ = [
     "RenderDoc", "RenderBatches", "ValRender", "RendererRunConfig", "build_renderer_task", "train_renderer",
@@ -319,19 +317,8 @@ def train_renderer(
     train = _Examples(train_docs, cfg.renderer, "training")
     RenderBatches(train, cfg.renderer, cfg.train.micro_batch)
     val = ValRender(val_docs, cfg.renderer, cfg.train.micro_batch)
-    resume_path = ckpt_io.resolve_resume(run_dir, resume)
-    if resume_path is None and ckpt_io.latest_checkpoint(run_dir) is not None:
-        raise SentcodeError(f"{run_dir} already holds a training run; pass --resume auto to continue it or choose another --out")
-    if resume_path is not None:
-        # The shared loop compares the "model" section only, which a renderer run does not have.
-        saved = ckpt_io.load_checkpoint(resume_path).get("config", {})
-        if saved.get("renderer") != cfg.to_dict()["renderer"]:
-            raise SentcodeError(f"{resume_path} was trained with another renderer configuration; cannot resume it with this one")
-        run_json = run_dir / "run.json"
-        if run_json.exists():
-            old = json.loads(run_json.read_text()).get("train_corpus", {}).get("sha256")
-            if old is not None and old != _docs_sha256(train_docs):
-                raise SentcodeError(f"{run_dir} was trained on other documents; resume it with the same training corpus")
+    resume_path = check_resume(run_dir, resume, cfg.to_dict(),
+                               {"train_corpus.sha256": (_docs_sha256(train_docs), "other documents")})
     write_run_files(run_dir, cfg, train_corpus=_corpus_info(train_docs), val_corpus=_corpus_info(val_docs))
     return train_and_export(run_dir, cfg, lambda info, dev: build_renderer_task(cfg, train, val, info, dev), WEIGHTS,
                             resume=resume_path, device=device, progress=progress, stop_at=stop_at)

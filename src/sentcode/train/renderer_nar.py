@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -41,17 +40,16 @@ import torch
 import torch.nn.functional as F
 
 from sentcode.data.embeddings import sentences_sha256
-from sentcode.errors import ConfigError, DataError, SentcodeError
+from sentcode.errors import ConfigError, DataError
 from sentcode.infer.sampling import make_generator
 from sentcode.models.sentence.encoder import BOS_ID, PAD_ID, ByteSentenceEncoder
 from sentcode.models.sentence.renderer_nar import (
     FAMILY, NARRenderer, NARRendererConfig, NARRunConfig, NARTrainConfig, collate_context, load_nar_config,
 )
 from sentcode.nn import rope_cos_sin
-from sentcode.train import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask
 from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import load_weights, read_run_config, train_and_export
+from sentcode.train.runs import check_resume, load_weights, read_run_config, train_and_export
 
 __all__ = [
     "NARRunConfig", "NARBatches", "SentenceReward", "ValNAR", "repetition_score", "build_nar_task",
@@ -515,22 +513,11 @@ def train_nar_renderer(
     val = _Examples(val_docs, cfg.renderer, "validation")
     if len(val) == 0:
         raise DataError("the validation documents hold no sentences")
-    resume_path = ckpt_io.resolve_resume(run_dir, resume)
-    if resume_path is None and ckpt_io.latest_checkpoint(run_dir) is not None:
-        raise SentcodeError(f"{run_dir} already holds a training run; pass --resume auto to continue it or choose another --out")
     reward_sha = _state_sha256(reward_encoder)
-    if resume_path is not None:
-        # The shared loop compares the "model" section only, which a renderer run does not have.
-        saved = ckpt_io.load_checkpoint(resume_path).get("config", {})
-        if saved.get("renderer") != cfg.to_dict()["renderer"]:
-            raise SentcodeError(f"{resume_path} was trained with another renderer configuration; cannot resume it with this one")
-        run_json = run_dir / "run.json"
-        if run_json.exists():
-            info = json.loads(run_json.read_text())
-            if info.get("train_corpus", {}).get("sha256") not in (None, _docs_sha256(train_docs)):
-                raise SentcodeError(f"{run_dir} was trained on other documents; resume it with the same training corpus")
-            if info.get("reward_encoder_sha256") not in (None, reward_sha):
-                raise SentcodeError(f"{run_dir} was trained against another reward encoder; resume it with the same one")
+    resume_path = check_resume(run_dir, resume, cfg.to_dict(), {
+        "train_corpus.sha256": (_docs_sha256(train_docs), "other documents"),
+        "reward_encoder_sha256": (reward_sha, "another reward encoder"),
+    })
     write_run_files(run_dir, cfg, train_corpus=_corpus_info(train_docs), val_corpus=_corpus_info(val_docs),
                     reward_encoder_sha256=reward_sha, judge=type(judge_encoder).__name__,
                     judge_sha256=_state_sha256(judge_encoder))
