@@ -18,24 +18,10 @@ from sentcode.errors import ConfigError, SentcodeError
 from sentcode.pipeline import run_pipeline
 from sentcode.pipeline.sentence import STAGES, read_codes, read_sentences, stage_dir
 
+from conftest import MICRO
+
 torch.set_num_threads(1)
 
-MICRO = [
-    "sentences.max_bytes=64",
-    "encoder.model.d_model=32", "encoder.model.n_layer=1", "encoder.model.n_head=2", "encoder.model.d_emb=16",
-    "encoder.model.max_bytes=64", "encoder.train.micro_batch=16", "encoder.train.batch_tokens=1024",
-    "encoder.train.warmup_steps=2",
-    "rvq.levels=2", "rvq.codebook_sizes=[16,16]", "rvq.iters=3",
-    "planner.model.d_model=32", "planner.model.n_layer=1", "planner.model.n_head=2", "planner.model.n_kv_head=1",
-    "planner.model.max_steps=16", "planner.train.seq_len=16", "planner.train.micro_batch=4",
-    "planner.train.batch_tokens=64", "planner.train.warmup_steps=2",
-    "renderer.model.d_model=32", "renderer.model.n_layer=1", "renderer.model.n_head=2", "renderer.model.n_kv_head=1",
-    "renderer.model.context_bytes=16", "renderer.model.max_sentence_bytes=64", "renderer.train.micro_batch=4",
-    "renderer.train.batch_tokens=256", "renderer.train.warmup_steps=2",
-    "eval.agreement_contexts=4", "eval.rerank=2",
-    "budgets.encoder.max_steps=10", "budgets.planner.max_steps=10", "budgets.renderer.max_steps=10",
-    "budgets.renderer_nocode.max_steps=10",
-]
 ACTIVE = [s for s in STAGES if s != "renderer-nar"]
 PROMPT = "The state of the Union is strong. We must keep it so."
 
