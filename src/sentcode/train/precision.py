@@ -64,18 +64,22 @@ def peak_flops(device_type: str, precision: str) -> float:
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         return next((v for k, v in _GPU_PEAK_BF16.items() if k in name), 100e12)
-    best = _measure_matmul(torch.float32)
+    threads = torch.get_num_threads()
+    best = _measure_matmul(torch.float32, threads=threads)
     if cpu_has_fast_bf16():
-        best = max(best, _measure_matmul(torch.bfloat16))
+        best = max(best, _measure_matmul(torch.bfloat16, threads=threads))
     return best
 
 
-def _measure_matmul(dtype: torch.dtype, n: int = 1024) -> float:
+@functools.lru_cache(maxsize=None)
+def _measure_matmul(dtype: torch.dtype, n: int = 1024, threads: int | None = None) -> float:
+    # Best of several runs, once per process and thread count: a peak measured while another job shares the
+    # cores comes out low and would inflate every later MFU (a pipeline runs several training stages).
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
-    for _ in range(3):
+    for _ in range(10):
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
