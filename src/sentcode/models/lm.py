@@ -22,8 +22,8 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x, positions, rope, cache):
-        x = x + self.attn(self.norm1(x), positions, rope, cache)
+    def forward(self, x, positions, rope, cache, pad_mask=None):
+        x = x + self.attn(self.norm1(x), positions, rope, cache, pad_mask=pad_mask)
         return x + self.ffn(self.norm2(x))
 
 
@@ -53,14 +53,18 @@ class LM(nn.Module):
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.blocks]
 
-    def forward(self, idx: torch.Tensor, cache: list[LayerCache] | None = None, start_pos: int = 0) -> torch.Tensor:
-        """idx: [B, T] token ids at absolute positions start_pos..start_pos+T-1 -> logits [B, T, V]."""
+    def forward(self, idx: torch.Tensor, cache: list[LayerCache] | None = None, start_pos: int = 0,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: [B, T] token ids at absolute positions start_pos..start_pos+T-1 -> logits [B, T, V].
+
+        pad_mask: [B, cached + T] bool, False at left padding (batched generation; see ``infer.batch``).
+        """
         B, T = idx.shape
         positions = torch.arange(start_pos, start_pos + T, device=idx.device)
         rope = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta) if self.cfg.pos == "rope" else None
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, rope, cache[i] if cache is not None else None)
+            x = block(x, positions, rope, cache[i] if cache is not None else None, pad_mask)
         return self.head(self.norm(x))
 
     def aux_loss(self) -> torch.Tensor:

@@ -55,14 +55,23 @@ class CausalSelfAttention(nn.Module):
         if pos == "alibi":
             self.register_buffer("slopes", alibi_slopes(n_head), persistent=False)
 
-    def forward(self, x, positions, rope=None, cache: LayerCache | None = None, key_mask: torch.Tensor | None = None):
+    def forward(self, x, positions, rope=None, cache: LayerCache | None = None, key_mask: torch.Tensor | None = None,
+                pad_mask: torch.Tensor | None = None):
         """x: [B, T, D]; positions: [T] absolute positions of these tokens; rope: (cos, sin) for them.
 
         key_mask: [B, Tk] bool, True for real tokens; bidirectional attention only (padding never needs
         masking in causal attention when sequences are right-padded).
+
+        pad_mask: [B, Tk] bool over every key of this call (cached ones first), False at left padding; causal
+        attention only. Left padding lets rows of different lengths share a batch and a cache: positions
+        enter only as differences, so a left-padded row gets the results it would get alone. A query always
+        keeps its own key, so a padding query is never left with no key at all (a softmax over nothing is
+        NaN, and NaN would reach the cache).
         """
         if key_mask is not None and self.causal:
             raise ValueError("key_mask is only supported with causal=False")
+        if pad_mask is not None and not self.causal:
+            raise ValueError("pad_mask is only supported with causal=True (use key_mask)")
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, hd]
@@ -77,6 +86,9 @@ class CausalSelfAttention(nn.Module):
         k_pos = positions[-1] - Tk + 1 + torch.arange(Tk, device=x.device)
         mask = None
         is_causal = False
+        pad_ok = None  # [B, 1, Tq, Tk]
+        if pad_mask is not None:
+            pad_ok = pad_mask[:, None, None, :] | (positions[:, None] == k_pos[None, :])
         if not self.causal:
             mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, Tk]
             if self.pos == "alibi":
@@ -87,7 +99,11 @@ class CausalSelfAttention(nn.Module):
             rel = (positions[:, None] - k_pos[None, :]).to(torch.float32)
             bias = -self.slopes[:, None, None] * rel  # [H, Tq, Tk]
             allowed = causal_mask(positions, k_pos, self.window)
+            if pad_ok is not None:
+                allowed = allowed & pad_ok
             mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
+        elif pad_ok is not None:
+            mask = causal_mask(positions, k_pos, self.window) & pad_ok
         elif self.window is not None or Tk != T:
             if T > 1 or self.window is not None:
                 mask = causal_mask(positions, k_pos, self.window)
