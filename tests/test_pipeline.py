@@ -109,6 +109,35 @@ def test_generate_and_stream(pipe):
     assert isinstance(g.generate(long_prompt, max_sentences=1, seed=0), str)
 
 
+def test_generate_batch_matches_one_at_a_time(pipe):
+    """Greedy, so each document's sentences do not depend on the draws of the others: a batch of documents
+    (two sharing history and context lengths, one on its own) gives what each gives alone."""
+    g = sentcode.load(pipe[0])
+    prompts = [PROMPT, "The budget is balanced. Our army is ready.", "Short one."]
+    batch = g.generate_batch(prompts, max_sentences=2, rerank=2, temperature=0.0)
+    assert batch == [g.generate(p, max_sentences=2, rerank=2, temperature=0.0) for p in prompts]
+    with pytest.raises(SentcodeError, match="non-empty"):
+        g.generate_batch([])
+    with pytest.raises(SentcodeError, match="empty"):
+        g.generate_batch([PROMPT, ""])
+
+
+def test_planner_batch_sampling_matches_single_rows(pipe):
+    g = sentcode.load(pipe[0])
+    hist = torch.from_numpy(np.random.default_rng(0).integers(0, 16, size=(3, 5, 2)))
+    codes, _, lp = g.planner.sample_next_batch(hist, temperature=0.0)
+    for b in range(3):
+        one, _, one_lp = g.planner.sample_next(hist[b : b + 1], temperature=0.0)
+        assert one.tolist() == codes[b].tolist() and one_lp == pytest.approx(float(lp[b]), abs=1e-5)
+
+
+def test_nar_renderer_choice_needs_the_stage(pipe):
+    with pytest.raises(SentcodeError, match="no NAR renderer"):
+        sentcode.load(pipe[0], renderer="nar")
+    with pytest.raises(SentcodeError, match="'ar' or 'nar'"):
+        sentcode.load(pipe[0], renderer="fast")
+
+
 def test_rerank_prefers_agreement_then_logprob(pipe):
     g = sentcode.load(pipe[0])
     step = g.step(np.zeros((0, 2), np.int64), b"", 4, 1.0, torch.Generator().manual_seed(0))

@@ -3,11 +3,14 @@
 __version__ = "0.1.0"
 
 
-def load(run_dir, device: str = "cpu"):
-    """Load a trained run directory and return a generator with ``generate``, ``stream`` and ``score``."""
+def load(run_dir, device: str = "cpu", renderer: str | None = None):
+    """Load a trained run directory and return a generator with ``generate``, ``stream`` and ``score``.
+
+    ``renderer`` ("ar" or "nar") picks which renderer writes a sentence-step run's text (default "ar").
+    """
     from sentcode.infer.generator import load as _load
 
-    return _load(run_dir, device=device)
+    return _load(run_dir, device=device, renderer=renderer)
 
 
 __all__ = ["__version__", "load"]

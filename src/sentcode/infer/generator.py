@@ -154,17 +154,22 @@ class FlatGenerator:
                             device=next(self.model.parameters()).device)
 
 
-def load(run_dir: str | Path, device: str = "cpu"):
-    """Load any trained run directory and return its generator."""
+def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None):
+    """Load any trained run directory and return its generator.
+
+    ``renderer`` ("ar" or "nar") picks the renderer that writes a sentence-step run's text (default "ar").
+    """
     run_dir = Path(run_dir)
     cfg_dict, run_info = _read_run(run_dir)
     family = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
     if family == "sentence":  # a `sentcode pipeline sentence` run directory
         from sentcode.infer.sentence import load_sentence
 
-        return load_sentence(run_dir, device=device)
+        return load_sentence(run_dir, device=device, renderer=renderer or "ar")
     if family != "lm":
         raise SentcodeError(f"{run_dir} holds a {family!r} model, which this version cannot load")
+    if renderer is not None:
+        raise SentcodeError("a renderer choice applies to sentence-step runs; this is a flat LM run")
     cfg = config_from_dict(cfg_dict)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     if tokenizer.vocab_size != cfg.model.vocab_size:

@@ -70,9 +70,17 @@ class SentenceGenerator:
 
     family = "sentence"
 
-    def __init__(self, run_dir: Path, cfg: dict, encoder, rvq, planner, renderer, nocode=None):
+    def __init__(self, run_dir: Path, cfg: dict, encoder, rvq, planner, renderer, nocode=None, nar=None,
+                 renderer_kind: str = "ar"):
+        if renderer_kind not in ("ar", "nar"):
+            raise SentcodeError(f"renderer must be 'ar' or 'nar', got {renderer_kind!r}")
+        if renderer_kind == "nar" and nar is None:
+            raise SentcodeError("renderer 'nar' needs a trained NAR renderer (the renderer-nar stage)")
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.encoder, self.rvq, self.planner, self.renderer, self.nocode = encoder, rvq, planner, renderer, nocode
+        # Generation writes with ``renderer_kind``; the two-part score always uses the AR renderer (the NAR one
+        # is trained by a reward, not for likelihood; its own bits are reported apart by the evaluation).
+        self.nar, self.renderer_kind = nar, renderer_kind
         self.max_bytes = int(cfg.get("sentences", {}).get("max_bytes", 256))
         self.levels = rvq.levels
         self.weights = level_weights(self.levels)
@@ -95,23 +103,52 @@ class SentenceGenerator:
     def _agreement(self, codes: np.ndarray, planned: np.ndarray) -> np.ndarray:
         return ((codes == planned[None]) * self.weights).sum(-1) / self.weights.sum()
 
+    def _render(self, planned: np.ndarray, contexts: list[bytes], n: int, temperature: float,
+                generator: torch.Generator, top_k, top_p) -> list[list[tuple[bytes, float]]]:
+        """``n`` candidates (bytes, log-prob) for each row of planned [B, K] and its context."""
+        if self.renderer_kind == "ar":
+            return self.renderer.generate_batch(planned, None, contexts, self.max_bytes, temperature, top_k,
+                                                top_p, generator, n)
+        if top_k or top_p is not None:
+            raise SentcodeError("top-k and top-p apply to the AR renderer; the NAR renderer samples with temperature only")
+        nar = self.nar
+        ctx = nar._context_tensor(contexts, len(contexts))
+        was_training = nar.training
+        nar.eval()
+        try:
+            out = nar.rollout(torch.as_tensor(planned, dtype=torch.long, device=nar.device), None, ctx, n,
+                              temperature or 1.0, generator, greedy=temperature == 0)
+        finally:
+            nar.train(was_training)
+        flat = list(zip(out.sentences(), out.logprob.double().tolist()))
+        return [flat[b * n : (b + 1) * n] for b in range(len(contexts))]
+
     @torch.no_grad()
+    def step_batch(self, histories: np.ndarray, contexts: list[bytes], n: int, temperature: float,
+                   generator: torch.Generator, top_k: int | None = None, top_p: float | None = None) -> list[Step]:
+        """One closed-loop step for B documents at once: plan a tuple after each history (histories
+        [B, S, K], equal S), render ``n`` candidates for each, rerank each document's candidates."""
+        hist = torch.from_numpy(np.asarray(histories, dtype=np.int64).reshape(len(contexts), -1, self.levels))
+        planned, _, plan_lp = self.planner.sample_next_batch(hist, temperature=temperature, top_k=top_k,
+                                                             top_p=top_p, generator=generator)
+        planned = planned.cpu().numpy()
+        cands = self._render(planned, contexts, n, temperature, generator, top_k, top_p)
+        codes = self.codes_of([c for row in cands for c, _ in row])
+        steps = []
+        for b, row in enumerate(cands):
+            rc = codes[b * n : (b + 1) * n]
+            agree = self._agreement(rc, planned[b])
+            out = [Candidate(c, lp, rc[i], float(agree[i])) for i, (c, lp) in enumerate(row)]
+            # An empty candidate is never preferred: it would end the text rather than continue it.
+            chosen = max(range(len(out)), key=lambda i: (bool(out[i].data.strip()), out[i].agreement,
+                                                         out[i].logprob_per_byte))
+            steps.append(Step(planned[b], float(plan_lp[b]), out, chosen))
+        return steps
+
     def step(self, history: np.ndarray, context: bytes, n: int, temperature: float,
              generator: torch.Generator, top_k: int | None = None, top_p: float | None = None) -> Step:
         """One closed-loop step: plan a tuple after ``history`` [S, K], render ``n`` candidates, rerank."""
-        hist = torch.from_numpy(np.asarray(history, dtype=np.int64).reshape(1, -1, self.levels))
-        planned, _, plan_lp = self.planner.sample_next(hist, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                       generator=generator)
-        planned = planned.cpu().numpy()
-        cands = self.renderer.generate(planned, context=context, max_bytes=self.max_bytes, temperature=temperature,
-                                       top_k=top_k, top_p=top_p, generator=generator, n=n)
-        codes = self.codes_of([c for c, _ in cands])
-        agree = self._agreement(codes, planned)
-        out = [Candidate(c, lp, codes[i], float(agree[i])) for i, (c, lp) in enumerate(cands)]
-        # An empty candidate is never preferred: it would end the text rather than continue it.
-        chosen = max(range(len(out)), key=lambda i: (bool(out[i].data.strip()), out[i].agreement,
-                                                     out[i].logprob_per_byte))
-        return Step(planned, plan_lp, out, chosen)
+        return self.step_batch(np.asarray(history)[None], [context], n, temperature, generator, top_k, top_p)[0]
 
     # ---- the public API ------------------------------------------------------------------------------------
 
@@ -143,19 +180,62 @@ class SentenceGenerator:
 
         gen = make_generator(seed, self.renderer.device)
         history = self.codes_of(sentences)
-        context = tail(b" ".join(sentences), self.renderer.cfg.context_bytes)
+        width = self.renderer.cfg.context_bytes if self.renderer_kind == "ar" else self.nar.cfg.context_bytes
+        context = tail(b" ".join(sentences), width)
         for _ in range(max_sentences):
             best = self.step(history, context, n, temperature, gen, top_k, top_p).best
             if not best.data.strip():
                 return
             history = np.concatenate([history, best.codes[None]])
-            context = tail(context + b" " + best.data if context else best.data, self.renderer.cfg.context_bytes)
+            context = tail(context + b" " + best.data if context else best.data, width)
             yield best.text
 
     def generate(self, prompt: str | bytes, max_sentences: int = 3, rerank: int = 4, temperature: float = 0.8,
                  seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> str:
         """The generated sentences joined by single spaces (the continuation only, not the prompt)."""
         return " ".join(self.stream(prompt, max_sentences, rerank, temperature, seed, top_k, top_p))
+
+    def generate_batch(self, prompts: list[str | bytes], max_sentences: int = 3, rerank: int = 4,
+                       temperature: float = 0.8, seed: int | None = None, top_k: int | None = None,
+                       top_p: float | None = None) -> list[str]:
+        """``generate`` for several prompts at once, stepping them together.
+
+        Documents whose histories have the same number of sentences and whose renderer contexts have the
+        same length share one planner and one renderer batch per step (the models have no padding mask);
+        a document stops when its renderer writes only whitespace. Same output format as ``generate``.
+        """
+        from sentcode.models.sentence.renderer import tail
+
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise SentcodeError("prompts must be a non-empty list")
+        docs = [self._check(p, max_sentences, rerank, temperature, top_k, top_p) for p in prompts]
+        n = max(1, rerank)
+        gen = make_generator(seed, self.renderer.device)
+        width = self.renderer.cfg.context_bytes if self.renderer_kind == "ar" else self.nar.cfg.context_bytes
+        hist = [self.codes_of(d) for d in docs]
+        ctx = [tail(b" ".join(d), width) for d in docs]
+        out: list[list[str]] = [[] for _ in docs]
+        live = list(range(len(docs)))
+        for _ in range(max_sentences):
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in live:
+                groups.setdefault((len(hist[i]), len(ctx[i])), []).append(i)
+            ended = set()
+            for rows in groups.values():
+                steps = self.step_batch(np.stack([hist[i] for i in rows]), [ctx[i] for i in rows], n,
+                                        temperature, gen, top_k, top_p)
+                for i, st in zip(rows, steps):
+                    best = st.best
+                    if not best.data.strip():
+                        ended.add(i)
+                        continue
+                    hist[i] = np.concatenate([hist[i], best.codes[None]])
+                    ctx[i] = tail(ctx[i] + b" " + best.data if ctx[i] else best.data, width)
+                    out[i].append(best.text)
+            live = [i for i in live if i not in ended]
+            if not live:
+                break
+        return [" ".join(o) for o in out]
 
     def score(self, text: str | bytes) -> float:
         """Two-part bits per byte of ``text`` as one document (see ``sentcode.eval.sentence``)."""
@@ -173,8 +253,12 @@ class SentenceGenerator:
         return two_part_bits(self.planner, self.renderer, [sentences], [codes])
 
 
-def load_sentence(run_dir: str | Path, device: str = "cpu") -> SentenceGenerator:
-    """The generator of a sentence pipeline run; names the first missing stage when it is incomplete."""
+def load_sentence(run_dir: str | Path, device: str = "cpu", renderer: str = "ar") -> SentenceGenerator:
+    """The generator of a sentence pipeline run; names the first missing stage when it is incomplete.
+
+    ``renderer``: "ar" (default) or "nar", the renderer that writes generated sentences; "nar" needs the
+    optional renderer-nar stage.
+    """
     from sentcode.pipeline.sentence import load_rvq, read_run_config, read_stage, require_stage, stage_dir
     from sentcode.train.encoder import load_encoder
     from sentcode.train.planner import load_planner
@@ -187,9 +271,22 @@ def load_sentence(run_dir: str | Path, device: str = "cpu") -> SentenceGenerator
     nocode = None
     if read_stage(run_dir, "renderer-nocode") is not None:
         nocode = load_renderer(stage_dir(run_dir, "renderer-nocode"), device)
+    if renderer not in ("ar", "nar"):
+        raise SentcodeError(f"renderer must be 'ar' or 'nar', got {renderer!r}")
+    nar = None
+    if renderer == "nar":
+        if read_stage(run_dir, "renderer-nar") is None:
+            raise SentcodeError(f"{run_dir} has no NAR renderer: enable it (--set renderer_nar.enabled=true) and "
+                                "rerun `sentcode pipeline sentence`, or use the AR renderer")
+        from sentcode.train.renderer_nar import load_nar_renderer
+
+        nar = load_nar_renderer(stage_dir(run_dir, "renderer-nar"), device)
     gen = SentenceGenerator(run_dir, cfg, load_encoder(stage_dir(run_dir, "encoder"), device),
                             load_rvq(run_dir, cfg).to(device), load_planner(stage_dir(run_dir, "planner"), device),
-                            load_renderer(stage_dir(run_dir, "renderer"), device), nocode)
+                            load_renderer(stage_dir(run_dir, "renderer"), device), nocode, nar, renderer)
+    if nar is not None and nar.cfg.levels != gen.levels:
+        raise SentcodeError(f"{run_dir}: the NAR renderer reads {nar.cfg.levels} code levels but the rvq has "
+                            f"{gen.levels}; rerun from the rvq stage (--from rvq)")
     if gen.planner.cfg.levels != gen.levels or gen.renderer.cfg.levels != gen.levels:
         raise SentcodeError(f"{run_dir}: the planner/renderer read {gen.planner.cfg.levels}/{gen.renderer.cfg.levels} "
                             f"code levels but the rvq has {gen.levels}; rerun from the rvq stage (--from rvq)")

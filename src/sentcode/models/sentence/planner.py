@@ -324,11 +324,26 @@ class Planner(nn.Module):
     def sample_next(self, history_codes: torch.Tensor, history_residual: torch.Tensor | None = None,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None):
-        """The next tuple after a document's history: (codes [K], residual [d_emb] or None, logprob).
+        """The next tuple after one document's history: (codes [K], residual [d_emb] or None, logprob).
 
-        history_codes [1, S, K] (S may be 0: the document's first sentence). Levels are sampled in order,
+        history_codes [1, S, K]; see ``sample_next_batch``, which this calls with a batch of one.
+        """
+        if history_codes.dim() != 3 or history_codes.shape[0] != 1:
+            raise SentcodeError(f"history_codes must have shape [1, S, {self.cfg.levels}], got {tuple(history_codes.shape)}")
+        codes, residual, logprob = self.sample_next_batch(history_codes, history_residual, temperature, top_k,
+                                                          top_p, generator)
+        return codes[0], None if residual is None else residual[0], float(logprob[0])
+
+    @torch.no_grad()
+    def sample_next_batch(self, history_codes: torch.Tensor, history_residual: torch.Tensor | None = None,
+                          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                          generator: torch.Generator | None = None):
+        """The next tuple after each of B histories of equal length: (codes [B, K], residual [B, d_emb] or
+        None, logprob [B]).
+
+        history_codes [B, S, K] (S may be 0: the documents' first sentence). Levels are sampled in order,
         each with ``sentcode.infer.sampling.sample_next``; temperature 0 is greedy per level. ``logprob`` is
-        the tuple's log-probability in nats under the model itself (temperature 1, no filtering), i.e. its
+        each tuple's log-probability in nats under the model itself (temperature 1, no filtering), i.e. its
         plan code length. The residual is the head's prediction; append it with the codes to the history.
 
         A history longer than ``max_steps - 1`` keeps its most recent ``max_steps`` steps, the oldest of
@@ -336,11 +351,11 @@ class Planner(nn.Module):
         cache: the trunk is re-run over at most ``max_steps`` steps, which is cheap next to a sentence.
         """
         check_sampling(temperature, top_k, top_p)
-        if history_codes.dim() != 3 or history_codes.shape[0] != 1 or history_codes.shape[-1] != self.cfg.levels:
-            raise SentcodeError(f"history_codes must have shape [1, S, {self.cfg.levels}], got {tuple(history_codes.shape)}")
+        if history_codes.dim() != 3 or history_codes.shape[0] < 1 or history_codes.shape[-1] != self.cfg.levels:
+            raise SentcodeError(f"history_codes must have shape [B, S, {self.cfg.levels}], got {tuple(history_codes.shape)}")
         if self.cfg.use_residual and history_residual is None:
-            raise SentcodeError("this planner reads residuals (use_residual): pass history_residual [1, S, d_emb]")
-        K, E = self.cfg.levels, self.cfg.d_emb
+            raise SentcodeError("this planner reads residuals (use_residual): pass history_residual [B, S, d_emb]")
+        B, K, E = history_codes.shape[0], self.cfg.levels, self.cfg.d_emb
         dev = self.bos.device
         codes = history_codes.to(dev).long()
         res = history_residual.to(dev).float() if (self.cfg.use_residual and history_residual is not None) else None
@@ -352,25 +367,25 @@ class Planner(nn.Module):
             codes = codes[:, -keep:]
             res = None if res is None else res[:, -keep:]
         # A placeholder for the step being predicted: causal, so its value reaches nothing we read.
-        codes = torch.cat([codes, codes.new_zeros(1, 1, K)], dim=1)  # [1, S+1, K]
+        codes = torch.cat([codes, codes.new_zeros(B, 1, K)], dim=1)  # [B, S+1, K]
         if res is not None:
-            res = torch.cat([res, res.new_zeros(1, 1, E)], dim=1)
+            res = torch.cat([res, res.new_zeros(B, 1, E)], dim=1)
         was_training = self.training
         self.eval()
         try:
-            cond = self.hidden(codes, res, prev_codes, prev_res)[:, -1]  # [1, d]
-            chosen, logprob = [], 0.0
+            cond = self.hidden(codes, res, prev_codes, prev_res)[:, -1]  # [B, d]
+            chosen, logprob = [], torch.zeros(B, dtype=torch.float64, device=dev)
             for l, head in enumerate(self.heads):
-                logits = head(cond).float()  # [1, V_l]
-                c = sample_logits(logits, temperature, top_k, top_p, generator)  # [1]
-                logprob += float(torch.log_softmax(logits, -1)[0, c[0]])
-                chosen.append(c[0])
+                logits = head(cond).float()  # [B, V_l]
+                c = sample_logits(logits, temperature, top_k, top_p, generator)  # [B]
+                logprob += torch.log_softmax(logits, -1).gather(-1, c[:, None])[:, 0].double()
+                chosen.append(c)
                 if l < len(self.cond_emb):
                     cond = cond + self.cond_emb[l](c)
-            residual = self.res_head(cond)[0].float() if self.res_head is not None else None
+            residual = self.res_head(cond).float() if self.res_head is not None else None
         finally:
             self.train(was_training)
-        return torch.stack(chosen), residual, logprob
+        return torch.stack(chosen, dim=1), residual, logprob
 
     # ---- accounting ----------------------------------------------------------------------------------------
 

@@ -306,6 +306,27 @@ class ARRenderer(nn.Module):
         the model itself (temperature 1, no filtering), its EOS included when it reached one, for reranking.
         """
         cfg = self.cfg
+        if cfg.use_codes and codes is not None:
+            c = torch.as_tensor(codes, dtype=torch.long).reshape(-1)
+            if c.numel() != cfg.levels:
+                raise SentcodeError(f"codes must hold {cfg.levels} levels, got shape {tuple(torch.as_tensor(codes).shape)}")
+            codes = c[None]
+        if residual is not None:
+            residual = torch.as_tensor(residual, dtype=torch.float32).reshape(1, -1)
+        return self.generate_batch(codes, residual, [context], max_bytes, temperature, top_k, top_p, generator, n)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, codes=None, residual=None, contexts: Sequence[bytes] = (b"",),
+                       max_bytes: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, generator: torch.Generator | None = None,
+                       n: int = 1) -> list[list[tuple[bytes, float]]]:
+        """``n`` candidates for each of B (tuple, context) rows: B lists of (sentence bytes, log-prob).
+
+        codes [B, K] (ignored without use_codes), residual [B, d_emb] or None, contexts B byte strings.
+        Rows whose contexts (after keeping the last ``context_bytes``) have equal length run as one batch:
+        the renderer has no padding mask, and once a text is longer than the window every context is full.
+        """
+        cfg = self.cfg
         check_sampling(temperature, top_k, top_p)
         if n < 1:
             raise SentcodeError(f"n must be at least 1, got {n}")
@@ -313,50 +334,65 @@ class ARRenderer(nn.Module):
         if not 0 <= max_bytes <= cfg.max_sentence_bytes:
             raise SentcodeError(f"max_bytes must lie in [0, {cfg.max_sentence_bytes}] (renderer.max_sentence_bytes), got {max_bytes}")
         dev = self.device
+        B = len(contexts)
         if cfg.use_codes:
             if codes is None:
-                raise SentcodeError(f"this renderer reads codes: pass codes [{cfg.levels}]")
-            c = torch.as_tensor(codes, dtype=torch.long, device=dev).reshape(-1)
-            if c.numel() != cfg.levels:
-                raise SentcodeError(f"codes must hold {cfg.levels} levels, got shape {tuple(torch.as_tensor(codes).shape)}")
+                raise SentcodeError(f"this renderer reads codes: pass codes [B, {cfg.levels}]")
+            c = torch.as_tensor(codes, dtype=torch.long, device=dev)
+            if tuple(c.shape) != (B, cfg.levels):
+                raise SentcodeError(f"codes must have shape [{B}, {cfg.levels}], got {tuple(c.shape)}")
         else:
-            c = torch.zeros(cfg.levels, dtype=torch.long, device=dev)
+            c = torch.zeros(B, cfg.levels, dtype=torch.long, device=dev)
         r = None
         if cfg.use_residual:
             if residual is None:
-                raise SentcodeError("this renderer reads residuals (use_residual): pass residual [d_emb]")
-            r = torch.as_tensor(residual, dtype=torch.float32, device=dev).reshape(1, cfg.d_emb).expand(n, -1)
+                raise SentcodeError("this renderer reads residuals (use_residual): pass residual [B, d_emb]")
+            r = torch.as_tensor(residual, dtype=torch.float32, device=dev).reshape(B, cfg.d_emb)
         if generator is None:
             generator = make_generator(None, dev)
+        heads = [tail(bytes(ctx), cfg.context_bytes) for ctx in contexts]
+        out: list[list[tuple[bytes, float]]] = [[] for _ in range(B)]
         was_training = self.training
         self.eval()
         try:
-            head = torch.tensor([SEP, *tail(bytes(context), cfg.context_bytes), BOS], device=dev)
-            x = torch.cat([self.prefix(c[None].expand(n, -1), r), self.embed(head)[None].expand(n, -1, -1)], dim=1)
-            cache = self.new_cache()
-            logits = self.trunk(x, cache)[:, -1]  # [n, V]
-            pos = x.shape[1]
-            out = [bytearray() for _ in range(n)]
-            logprob = torch.zeros(n, dtype=torch.float64, device=dev)
-            done = torch.zeros(n, dtype=torch.bool, device=dev)
-            # Up to max_bytes bytes, then one more draw: a full candidate is closed only if that draw is EOS.
-            for _ in range(max_bytes + 1):
-                tok = sample_next(logits, temperature, top_k, top_p, generator=generator)  # [n]
-                lp = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None])[:, 0]  # [n]
-                live = ~done
-                full = torch.tensor([len(o) >= max_bytes for o in out], device=dev)
-                # A byte past max_bytes is not taken: the candidate ends unclosed and that draw is not scored.
-                take = live & ((tok == EOS) | ~full)
-                logprob += torch.where(take, lp.double(), torch.zeros_like(logprob))
-                for i in torch.nonzero(take & (tok != EOS)).flatten().tolist():
-                    out[i].append(int(tok[i]))
-                done |= live & ((tok == EOS) | full)
-                if bool(done.all()):
-                    break
-                logits = self.trunk(self.embed(tok)[:, None], cache, start_pos=pos)[:, -1]
-                pos += 1
+            for length in sorted({len(h) for h in heads}):
+                rows = [i for i in range(B) if len(heads[i]) == length]
+                idx = torch.tensor(rows, device=dev).repeat_interleave(n)  # row of each candidate
+                head = torch.tensor([[SEP, *heads[i], BOS] for i in rows], device=dev).repeat_interleave(n, 0)
+                got = self._sample(c[idx], None if r is None else r[idx], head, max_bytes, temperature, top_k,
+                                   top_p, generator)
+                for k, i in enumerate(rows):
+                    out[i] = got[k * n : (k + 1) * n]
         finally:
             self.train(was_training)
+        return out
+
+    def _sample(self, codes, residual, head, max_bytes, temperature, top_k, top_p, generator):
+        """Candidates for rows of codes [N, K] and equal-length head tokens [N, H], in one batch."""
+        N, dev = head.shape[0], head.device
+        x = torch.cat([self.prefix(codes, residual), self.embed(head)], dim=1)
+        cache = self.new_cache()
+        logits = self.trunk(x, cache)[:, -1]  # [N, V]
+        pos = x.shape[1]
+        out = [bytearray() for _ in range(N)]
+        logprob = torch.zeros(N, dtype=torch.float64, device=dev)
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        # Up to max_bytes bytes, then one more draw: a full candidate is closed only if that draw is EOS.
+        for _ in range(max_bytes + 1):
+            tok = sample_next(logits, temperature, top_k, top_p, generator=generator)  # [N]
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None])[:, 0]  # [N]
+            live = ~done
+            full = torch.tensor([len(o) >= max_bytes for o in out], device=dev)
+            # A byte past max_bytes is not taken: the candidate ends unclosed and that draw is not scored.
+            take = live & ((tok == EOS) | ~full)
+            logprob += torch.where(take, lp.double(), torch.zeros_like(logprob))
+            for i in torch.nonzero(take & (tok != EOS)).flatten().tolist():
+                out[i].append(int(tok[i]))
+            done |= live & ((tok == EOS) | full)
+            if bool(done.all()):
+                break
+            logits = self.trunk(self.embed(tok)[:, None], cache, start_pos=pos)[:, -1]
+            pos += 1
         return [(bytes(o), float(v)) for o, v in zip(out, logprob.tolist())]
 
     # ---- accounting ----------------------------------------------------------------------------------------
