@@ -138,6 +138,28 @@ def test_nar_renderer_choice_needs_the_stage(pipe):
         sentcode.load(pipe[0], renderer="fast")
 
 
+def test_generation_with_a_nar_renderer(pipe):
+    """The closed loop with the NAR renderer writing (an untrained one: the loop, not its quality): every
+    candidate is scored by the NAR model's own log-prob, batch and single generation agree when greedy."""
+    from sentcode.infer.sentence import SentenceGenerator
+    from sentcode.models.sentence.renderer_nar import NARRenderer, NARRendererConfig
+
+    g = sentcode.load(pipe[0])
+    torch.manual_seed(0)
+    nar = NARRenderer(NARRendererConfig(levels=2, codebook_sizes=[16, 16], context_bytes=8, max_bytes=24,
+                                        d_model=32, n_layer=1, n_head=2)).eval()
+    gn = SentenceGenerator(g.run_dir, g.cfg, g.encoder, g.rvq, g.planner, g.renderer, g.nocode, nar, "nar")
+    step = gn.step(np.zeros((1, 2), np.int64), b"Our Union.", 3, 1.0, torch.Generator().manual_seed(0))
+    for c in step.candidates:
+        lp = float(nar.log_prob(step.planned[None], None, [c.data], [b"Our Union."])[0])
+        assert len(c.data) <= 24 and c.logprob == pytest.approx(lp, abs=1e-4)
+    prompts = [PROMPT, "Short one."]
+    assert gn.generate_batch(prompts, max_sentences=2, rerank=2, temperature=0.0) == \
+        [gn.generate(p, max_sentences=2, rerank=2, temperature=0.0) for p in prompts]
+    with pytest.raises(SentcodeError, match="top-k"):
+        gn.generate(PROMPT, max_sentences=1, top_k=5)
+
+
 def test_rerank_prefers_agreement_then_logprob(pipe):
     g = sentcode.load(pipe[0])
     step = g.step(np.zeros((0, 2), np.int64), b"", 4, 1.0, torch.Generator().manual_seed(0))
