@@ -151,7 +151,8 @@ def test_generation_with_a_nar_renderer(pipe):
     gn = SentenceGenerator(g.run_dir, g.cfg, g.encoder, g.rvq, g.planner, g.renderer, g.nocode, nar, "nar")
     step = gn.step(np.zeros((1, 2), np.int64), b"Our Union.", 3, 1.0, torch.Generator().manual_seed(0))
     for c in step.candidates:
-        lp = float(nar.log_prob(step.planned[None], None, [c.data], [b"Our Union."])[0])
+        with torch.no_grad():
+            lp = float(nar.log_prob(step.planned[None], None, [c.data], [b"Our Union."])[0])
         assert len(c.data) <= 24 and c.logprob == pytest.approx(lp, abs=1e-4)
     prompts = [PROMPT, "Short one."]
     assert gn.generate_batch(prompts, max_sentences=2, rerank=2, temperature=0.0) == \
