@@ -167,6 +167,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--minutes", type=float, default=3.0, help="training time budget in minutes (default 3)")
     demo.add_argument("--sentence", action="store_true",
                       help="instead: build the tiny sentence-step LM pipeline (~12 min), evaluate it and sample")
+
+    srv = sub.add_parser("serve", help="serve a trained run over HTTP (OpenAI-style API; extra 'serve')",
+                         description="Serve RUN_DIR over HTTP: POST /generate (the seeds' bodies), /v1/completions, "
+                         "/v1/chat/completions (streaming as server-sent events), GET /v1/models, /health, /docs. "
+                         "Flat LM requests are decoded together in batches; a sentence run serves one request at a "
+                         "time. Needs pip install 'sentcode[serve]'.")
+    srv.add_argument("run_dir", metavar="RUN_DIR", help="a flat LM run or a sentence pipeline run")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    srv.add_argument("--model-name", default=None, metavar="NAME",
+                     help="model id in /v1/models and responses (default: the run directory's name)")
+    srv.add_argument("--max-batch", type=int, default=8, metavar="N",
+                     help="flat LM: requests decoded together (default 8); a sentence run serves 1 at a time")
+    srv.add_argument("--max-queue", type=int, default=32, metavar="N",
+                     help="requests waiting beyond those being served; more get 429 (default 32)")
+    srv.add_argument("--max-tokens", type=int, default=1024, metavar="N",
+                     help="largest max_tokens a request may ask for: tokens for a flat LM, sentences (at most 64) "
+                     "for a sentence run (default 1024)")
+    srv.add_argument("--max-prompt-bytes", type=int, default=65536, metavar="N",
+                     help="largest prompt in UTF-8 bytes (chat: all messages together); larger get 400 (default 65536)")
+    srv.add_argument("--max-body-bytes", type=int, default=1048576, metavar="N",
+                     help="largest request body; larger get 413 (default 1048576)")
+    srv.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="torch CPU threads for the model (default: torch's choice)")
     return parser
 
 
@@ -306,6 +331,15 @@ def _dispatch(args) -> int:
             run_sentence_demo(args.out, corpus=args.corpus)
         else:
             run_demo(args.out, corpus=args.corpus, minutes=args.minutes)
+        return 0
+    if args.command == "serve":
+        from sentcode.serve.config import ServeConfig
+        from sentcode.serve.server import run_server
+
+        run_server(args.run_dir, ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
+                                             max_body_bytes=args.max_body_bytes, max_prompt_bytes=args.max_prompt_bytes,
+                                             max_tokens=args.max_tokens, max_batch=args.max_batch,
+                                             max_queue=args.max_queue, threads=args.threads))
         return 0
     raise AssertionError(args.command)
 
