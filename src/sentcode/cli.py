@@ -159,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--no-rerank", action="store_true", help="sentence run: take the first candidate (same as --rerank 1)")
     gen.add_argument("--stream", action="store_true", help="sentence run: print each sentence as soon as it is chosen")
 
+    chat = sub.add_parser("chat", help="talk with a trained run in the terminal (streaming REPL)",
+                          description="Each line you enter joins the conversation and the model continues it, "
+                          "streaming. A flat LM reads the newest part of the conversation that fits its context "
+                          "(turns joined by newlines); a sentence run reads its most recent sentences (turns joined "
+                          "by spaces). Commands: /reset, /temperature T, /max N, /help, /quit. Ctrl+C stops a reply "
+                          "or clears the line; Ctrl+D quits.")
+    chat.add_argument("run_dir", metavar="RUN_DIR", help="a flat LM run or a sentence pipeline run")
+    chat.add_argument("--max", type=int, default=None, metavar="N",
+                      help="longest reply: bytes for a flat LM (default 200), sentences for a sentence run (default 3)")
+    _add_sampling(chat)
+
     demo = sub.add_parser("demo", help="the main job: prepare the default corpus, train, evaluate, sample",
                           description="Prepare the default corpus, train the tiny flat byte LM for a few minutes, "
                           "evaluate held-out bits per byte and print generated continuations.")
@@ -324,6 +335,11 @@ def _dispatch(args) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
+    if args.command == "chat":
+        from sentcode.serve.chat import run_chat
+
+        return run_chat(args.run_dir, temperature=args.temperature, max_len=args.max, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
     if args.command == "demo":
         from sentcode.demo import run_demo, run_sentence_demo
 
