@@ -5,10 +5,12 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import re
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,7 +173,8 @@ def test_generate_accepts_both_seed_bodies_sentence(sent):
 
 
 def test_completions_match_the_engine_and_seeds_reproduce(flat):
-    status, r, _ = call(flat, "/v1/completions", {"model": "x", "prompt": "We must", "max_tokens": 25, "temperature": 0})
+    body = {"model": "x", "prompt": "We must", "max_tokens": 25, "temperature": 0}
+    status, r, _ = call(flat, "/v1/completions", body)
     assert status == 200, r
     want, n = greedy_text(flat, "We must", 25)
     choice = r["choices"][0]
@@ -309,6 +312,8 @@ def test_stop_strings_cut_the_text(flat):
     ("/generate", {"prompt": "x", "steps": 1.5}, "steps"),
     ("/generate", {"prompt": "x", "params": {"rerank": "yes"}}, "params.rerank"),
     ("/generate", {"steps": 2}, "prompt"),
+    ("/generate", {"prompt": "\ud800"}, "prompt"),  # a lone surrogate is not text
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udfffb"}]}, "messages"),
 ])
 def test_bad_requests_are_4xx_naming_the_field(flat, path, body, param):
     status, r, _ = call(flat, path, body)
@@ -455,3 +460,19 @@ def test_log_probs_are_natural_logs(flat):
     lp = r["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == 5 and all(-3 * math.log(259) < v <= 0 for v in lp["token_logprobs"])
     assert all(0 < sum(math.exp(x) for x in t.values()) <= 1 + 1e-6 for t in lp["top_logprobs"])
+
+
+def test_readme_curl_examples_work(flat):
+    """Guards the README: every curl example of the serving section gets a 200 from a real server."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Serving over HTTP"):]
+    section = section[: section.index("\n## ", 5)]
+    examples = re.findall(r"curl -sN? localhost:8000(\S+) .*?\\\n\s+-d '(.*?)'", section)
+    assert len(examples) >= 4, examples
+    for path, body in examples:
+        body = json.loads(body)
+        if body.get("stream"):
+            assert stream(flat, path, body)[-1] == "[DONE]"
+        else:
+            status, r, _ = call(flat, path, body)
+            assert status == 200, (path, r)

@@ -240,10 +240,14 @@ class State:
     # ---- request pieces ----------------------------------------------------------------------------------------
 
     def check_prompt_size(self, text: str, param: str = "prompt") -> None:
-        size = len(text.encode("utf-8", "surrogatepass"))
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as e:  # JSON can carry a lone surrogate ("\ud800"), which is not text
+            raise ApiError(400, f"{param} is not valid Unicode (a lone surrogate at character {e.start})",
+                           param, "invalid_text") from None
         if size > self.cfg.max_prompt_bytes:
-            raise ApiError(400, f"{param} is {size} bytes; the limit is {self.cfg.max_prompt_bytes} (--max-prompt-bytes)",
-                           param, "prompt_too_long")
+            raise ApiError(400, f"{param} is {size} bytes; the limit is {self.cfg.max_prompt_bytes} "
+                           "(--max-prompt-bytes)", param, "prompt_too_long")
 
     def length_cap(self) -> int:
         return self.cfg.max_tokens if self.family == "lm" else min(self.cfg.max_tokens, SENTENCE_CAP)
@@ -327,7 +331,8 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
     app = FastAPI(
         title="sentcode", version=sentcode.__version__,
         description=f"Serving `{st.name}` ({'flat LM' if st.family == 'lm' else 'sentence-step LM'}). "
-                    f"`max_tokens` counts {unit}. Errors: `{{\"error\": {{\"message\", \"type\", \"param\", \"code\"}}}}`.",
+                    f"`max_tokens` counts {unit}. Errors: "
+                    '`{"error": {"message", "type", "param", "code"}}`.',
     )
     app.state.sentcode = st
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)

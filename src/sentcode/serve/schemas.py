@@ -86,8 +86,8 @@ class ChatMessage(Body):
     def _check_content(cls, v):
         if v is None or isinstance(v, str):
             return v or ""
-        if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                       for p in v):
+        if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in v):
             return "".join(p["text"] for p in v)
         raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts')
 

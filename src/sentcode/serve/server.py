@@ -34,6 +34,7 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise SentcodeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)  # connections made before uvicorn starts accepting wait in the backlog
     sock.set_inheritable(True)
     return sock
 
