@@ -298,6 +298,13 @@ def test_optional_nar_stage(copy):
     if nar_module() is None:
         pytest.skip("sentcode.train.renderer_nar is not available")
     r = run_pipeline("sample", copy, preset="sentence-tiny", overrides=MICRO + NAR, progress=False)
-    assert r["ran"] == ["renderer-nar"]  # nothing else reads it yet
+    assert r["ran"] == ["renderer-nar", "eval"]  # the evaluation reads the NAR renderer too
     rec = json.loads((stage_dir(copy, "renderer-nar") / "stage.json").read_text())
     assert rec["output"]["status"] == "completed" and (stage_dir(copy, "renderer-nar") / "reward-encoder").is_dir()
+    ev = r["eval"]
+    # max_bytes 64 = sentences.max_bytes: every sentence fits, so the NAR code length is finite
+    assert ev["nar_sentences_too_long"] == 0 and ev["nar_bpb"] > ev["plan_bpb"]
+    assert ev["nar_bpb"] == pytest.approx(ev["plan_bpb"] + ev["nar_render_bits"] / ev["bytes"])
+    assert ev["closed_loop_nar"]["contexts"] == ev["closed_loop"]["contexts"]
+    g = sentcode.load(copy, renderer="nar")
+    assert g.renderer_kind == "nar" and isinstance(g.generate(PROMPT, max_sentences=2, seed=0), str)

@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sentence run: candidates rendered per sentence and reranked (default 4; 0 or 1: none)")
     rr.add_argument("--no-rerank", action="store_true", help="sentence run: take the first candidate (same as --rerank 1)")
     gen.add_argument("--stream", action="store_true", help="sentence run: print each sentence as soon as it is chosen")
+    gen.add_argument("--renderer", choices=["ar", "nar"], default=None,
+                     help="sentence run: the renderer that writes (default ar; nar needs the renderer-nar stage)")
 
     chat = sub.add_parser("chat", help="talk with a trained run in the terminal (streaming REPL)",
                           description="Each line you enter joins the conversation and the model continues it, "
@@ -321,7 +323,7 @@ def _dispatch(args) -> int:
     if args.command == "generate":
         import sentcode
 
-        g = sentcode.load(args.run_dir)
+        g = sentcode.load(args.run_dir, renderer=args.renderer)
         if getattr(g, "family", "lm") == "sentence":
             return _generate_sentence(g, args)
         if args.max_sentences is not None or args.rerank is not None or args.no_rerank or args.stream:

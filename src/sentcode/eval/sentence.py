@@ -53,9 +53,39 @@ def render_nats(renderer, codes: np.ndarray | None, contexts: list[bytes], sente
     return total
 
 
+@torch.no_grad()
+def nar_nats(nar, codes: np.ndarray, docs: list[list[bytes]], batch_size: int = 64) -> tuple[float, int]:
+    """Total -ln P_nar(sentence | codes, context) over the sentences that fit the NAR renderer's
+    ``max_bytes``, and how many did not fit (their probability under it is 0)."""
+    from sentcode.train.renderer import contexts_of
+
+    sents, ctxs = [], []
+    for b in docs:
+        sents += b
+        ctxs += contexts_of(b, nar.cfg.context_bytes)
+    fit = np.array([len(s) <= nar.cfg.max_bytes for s in sents], dtype=bool)
+    idx = np.flatnonzero(fit)
+    total = 0.0
+    was_training = nar.training
+    nar.eval()
+    try:
+        for i in range(0, len(idx), batch_size):
+            part = idx[i : i + batch_size]
+            lp = nar.log_prob(codes[part], None, [sents[j] for j in part], [ctxs[j] for j in part])
+            total -= float(lp.double().sum())
+    finally:
+        nar.train(was_training)
+    return total, int((~fit).sum())
+
+
 def two_part_bits(planner, renderer, docs: list[list[str]], codes: list[np.ndarray],
-                  predicted: list[np.ndarray] | None = None, nocode=None, unigram=None) -> dict:
-    """Two-part code length of documents (sentences + their true code tuples), and its parts."""
+                  predicted: list[np.ndarray] | None = None, nocode=None, unigram=None, nar=None) -> dict:
+    """Two-part code length of documents (sentences + their true code tuples), and its parts.
+
+    With ``nar``, the NAR renderer's render bits with oracle codes too: ``nar_bpb`` is plan + NAR render bits
+    (None when a sentence is longer than it can write, which gives an infinite code length); the bits over
+    the sentences it can write are reported apart.
+    """
     from sentcode.train.planner import PlanDocs, PlanEval
     from sentcode.train.renderer import contexts_of
 
@@ -97,6 +127,14 @@ def two_part_bits(planner, renderer, docs: list[list[str]], codes: list[np.ndarr
         nocode_bits = render_nats(nocode, None, ctxs, sent_bytes) / LN2
         out["render_bits_nocode"] = nocode_bits
         out["nocode_bpb"] = nocode_bits / n_bytes
+    if nar is not None:
+        by_doc = [[s.encode("utf-8", "surrogateescape") for s in d] for d in docs]
+        nats, too_long = nar_nats(nar, flat, by_doc)
+        fit_bytes = sum(len(b) for b in sent_bytes if len(b) <= nar.cfg.max_bytes)
+        out["nar_render_bits"] = nats / LN2 if not too_long else None
+        out["nar_bpb"] = (plan_bits + nats / LN2) / n_bytes if not too_long else None
+        out["nar_sentences_too_long"] = too_long
+        out["nar_render_bits_per_byte_of_fitting"] = nats / LN2 / max(1, fit_bytes)
     return out
 
 
@@ -183,7 +221,7 @@ def evaluate_sentence_run(run_dir: str | Path, split: str = "test", cfg: dict | 
     from sentcode.data.embeddings import read_embeddings
     from sentcode.infer.sentence import load_sentence
     from sentcode.pipeline.sentence import (
-        per_doc, read_codes, read_predicted, read_run_config, read_sentences, require_stage, stage_dir,
+        per_doc, read_codes, read_predicted, read_run_config, read_sentences, read_stage, require_stage, stage_dir,
     )
     from sentcode.train.planner import PlanDocs, unigram_logp
 
@@ -203,7 +241,12 @@ def evaluate_sentence_run(run_dir: str | Path, split: str = "test", cfg: dict | 
     train_docs = read_sentences(run_dir, "train")
     unigram = unigram_logp(PlanDocs(per_doc(read_codes(run_dir, "train"), train_docs), gen.planner.cfg, "training"))
     result = {"family": "sentence", "source": f"{split} split of {run_dir}", "split": split}
-    result.update(two_part_bits(gen.planner, gen.renderer, docs, codes, predicted, gen.nocode, unigram))
+    nar = None
+    if read_stage(run_dir, "renderer-nar") is not None:
+        from sentcode.train.renderer_nar import load_nar_renderer
+
+        nar = load_nar_renderer(stage_dir(run_dir, "renderer-nar"))
+    result.update(two_part_bits(gen.planner, gen.renderer, docs, codes, predicted, gen.nocode, unigram, nar))
     corpus_rows = stage_dir(run_dir, "corpus") / f"{split}.jsonl"
     if corpus_rows.is_file():
         import json
@@ -225,6 +268,12 @@ def evaluate_sentence_run(run_dir: str | Path, split: str = "test", cfg: dict | 
                                         int(cfg.get("seed", 0)), judge)
     if "judge" in result["closed_loop"]:
         result["judge"] = result["closed_loop"]["judge"]
+    if nar is not None:  # the same contexts, with the NAR renderer writing
+        gen.nar, gen.renderer_kind = nar, "nar"
+        result["closed_loop_nar"] = closed_loop(gen, val_docs, per_doc(read_codes(run_dir, "val"), val_docs), n_ctx,
+                                                int(e.get("rerank", 4)), float(e.get("temperature", 0.8)),
+                                                int(cfg.get("seed", 0)), judge)
+        gen.renderer_kind = "ar"
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -240,6 +289,11 @@ def format_sentence_result(r: dict) -> str:
     lines.append(f"  planner: {r['plan_bits_per_sentence']:.2f} bits/sentence"
                  + (f" (unigram {r['unigram_plan_bits_per_sentence']:.2f})" if "unigram_plan_bits_per_sentence" in r else "")
                  + ", level acc " + " ".join(f"{a:.3f}" for a in r["level_acc"]) + f", exact {r['exact_match']:.3f}")
+    if "nar_sentences_too_long" in r:
+        nb = r.get("nar_bpb")
+        lines.append("  NAR renderer: two-part " + (f"{nb:.4f} bits per byte" if nb is not None else
+                     f"infinite ({r['nar_sentences_too_long']} sentences longer than it can write)")
+                     + f"; render bits per byte of the sentences it can write {r['nar_render_bits_per_byte_of_fitting']:.4f}")
     cl = r.get("closed_loop") or {}
     if cl:
         lines.append("  closed loop: code agreement (rerank) " + " ".join(f"{a:.2f}" for a in cl["agreement_level_rerank"])

@@ -332,9 +332,16 @@ def _versions() -> dict:
             "python": platform.python_version(), "git_commit": git_commit()}
 
 
+def stage_deps(cfg: dict, stage: str) -> tuple[str, ...]:
+    """The stages whose outputs ``stage`` reads: eval also reads the NAR renderer when it is enabled."""
+    if stage == "eval" and nar_enabled(cfg):
+        return DEPS[stage] + ("renderer-nar",)
+    return DEPS[stage]
+
+
 def input_hash(run_dir: Path, cfg: dict, stage: str) -> str:
     upstream = {}
-    for dep in DEPS[stage]:
+    for dep in stage_deps(cfg, stage):
         rec = require_stage(run_dir, dep)
         upstream[dep] = [rec.get("input_hash"), rec.get("output_hash")]
     return _sha256_json({"stage": stage, "config": stage_config(cfg, stage), "upstream": upstream})
