@@ -237,6 +237,19 @@ def test_echo_logprobs_for_lm_eval(flat):
     assert len(lp["tokens"]) == len(text) + 1 and lp["text_offset"][-1] == len(text)
     assert lp["token_logprobs"][-1] == pytest.approx(max(lp["top_logprobs"][-1].values()), abs=1e-6)
     assert r["choices"][1]["text"].startswith("Yes")
+    # and what lm-eval makes of it (its parse_logprobs: the continuation's entries, the generated one left out)
+    from sentcode.infer.scoring import loglikelihood
+
+    context, continuation = "We must", " act now."
+    r = call(flat, "/v1/completions", {"prompt": context + continuation, "max_tokens": 1, "echo": True,
+                                       "logprobs": 1, "temperature": 0})[1]
+    lp = r["choices"][0]["logprobs"]
+    ctxlen = len(context.encode())
+    got = sum(lp["token_logprobs"][ctxlen:-1])
+    pairs = zip(lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1])
+    greedy = all(t == max(top.values()) for t, top in pairs)
+    want, want_greedy = loglikelihood(flat.state.gen, context, continuation)
+    assert got == pytest.approx(want, abs=1e-4) and greedy == want_greedy
 
 
 def test_chat_completions(flat, sent):
@@ -403,6 +416,24 @@ def test_a_model_error_is_a_500_and_the_server_stays_up(tight):
     assert err["code"] == "model_error" and "simulated fault" in err["message"]
     status, r, _ = call(tight, "/v1/completions", {"prompt": "x", "max_tokens": 3, "temperature": 0})
     assert status == 200 and len(r["choices"][0]["text"]) <= 3 * 3
+
+
+def test_a_failed_worker_makes_every_request_503(trained_run, monkeypatch):
+    """A bug that kills the model worker (not a model error, which is a 500 for one step) must not leave
+    clients waiting: the request in flight and every later one get 503, and /health says so."""
+    from sentcode.infer.batch import BatchDecoder
+
+    def dies(self):
+        raise SystemExit("simulated worker bug")
+
+    with BackgroundServer(sentcode.load(trained_run[0]), ServeConfig(port=0)) as server:
+        monkeypatch.setattr(BatchDecoder, "step", dies)
+        status, r, _ = call(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})
+        assert assert_error(status, r, 503)["code"] == "worker_failed" and "simulated" in r["error"]["message"]
+        status, r, _ = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+        assert assert_error(status, r, 503)["code"] == "worker_failed"
+        status, h, _ = call(server, "/health")
+        assert status == 503 and h["status"] == "failed"
 
 
 def test_shutting_down_is_503(tight):
