@@ -308,3 +308,18 @@ def test_optional_nar_stage(copy):
     assert ev["closed_loop_nar"]["contexts"] == ev["closed_loop"]["contexts"]
     g = sentcode.load(copy, renderer="nar")
     assert g.renderer_kind == "nar" and isinstance(g.generate(PROMPT, max_sentences=2, seed=0), str)
+
+
+def test_side_by_side_demo(tmp_path, capsys):
+    """The README's main job on the sample corpus with micro budgets: both models trained, evaluated on the
+    test split and printed in one table with speed and a sample."""
+    from sentcode.demo import run_demo
+
+    r = run_demo(tmp_path / "demo", corpus="sample", minutes=0.05, sentence_overrides=MICRO)
+    out = capsys.readouterr().out
+    assert [row["model"] for row in r["table"]] == ["flat byte LM", "sentence-step LM"]
+    assert r["table"][0]["bpb"] == pytest.approx(r["flat"]["bpb"]) and r["table"][1]["bpb"] == pytest.approx(r["sentence"]["bpb"])
+    for row in r["table"]:
+        assert row["bytes_s"] > 0 and row["params"] > 0 and 0 < row["bpb"] < 20
+        assert row["model"] in out
+    assert "[flat byte LM]" in out and "[sentence-step LM]" in out

@@ -1,4 +1,5 @@
-"""The main job: prepare the default corpus, train the tiny flat byte LM, evaluate it, sample from it."""
+"""The main job: train the tiny flat byte LM and a tiny sentence-step LM on the default corpus, evaluate both
+on the held-out test split and print them side by side: bits per byte, generation speed and samples."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _data_dir(out: Path, corpus: str) -> Path:
     return d
 
 
-def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float = 3.0) -> dict:
+def run_flat(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float = 3.0, samples: bool = True) -> dict:
     import sentcode
     from sentcode.eval.run import evaluate_run
     from sentcode.train.lm import train_lm
@@ -41,12 +42,70 @@ def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float
     result = evaluate_run(g, split="test")
     print(f"\nheld-out test bits per byte: {result['bpb']:.4f} over {result['bytes']:,} bytes "
           f"(gzip -9 on this corpus: 2.66, bz2 -9: 1.81)")
-    for i, prompt in enumerate(PROMPTS):
-        text = g.generate(prompt, max_bytes=160, temperature=0.7, seed=i)
-        print(f"\n> {prompt}{text}")
+    if samples:
+        for i, prompt in enumerate(PROMPTS):
+            text = g.generate(prompt, max_bytes=160, temperature=0.7, seed=i)
+            print(f"\n> {prompt}{text}")
     (run / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nrun directory: {run}")
-    return result
+    return {"run": run, "generator": g, "eval": result}
+
+
+# The side-by-side demo's sentence pipeline: the tiny preset with every training budget cut to fit a few
+# minutes next to the flat LM (the full preset, ``sentcode demo --sentence``, takes about 12).
+DEMO_SENTENCE = [
+    "budgets.encoder.time_budget_s=40", "budgets.planner.time_budget_s=25", "budgets.renderer.time_budget_s=70",
+    "budgets.renderer_nocode.time_budget_s=15", "eval.agreement_contexts=10",
+]
+SENTENCE_PROMPTS = ("The state of the Union is strong.", "We must act now.", "Our economy is growing.")
+
+
+def _speed(fn, runs: int = 3) -> float:
+    """Generated UTF-8 bytes per second of wall-clock, over ``runs`` calls of ``fn(seed)`` after a warm-up."""
+    import time
+
+    fn(100)
+    total, t = 0, time.perf_counter()
+    for seed in range(runs):
+        total += len(fn(seed).encode())
+    return total / (time.perf_counter() - t)
+
+
+def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float = 2.0,
+             sentence_overrides: list[str] | None = None) -> dict:
+    """Both models, then one table: test bits per byte, batch-1 generation speed, parameters, a sample.
+
+    ``sentence_overrides`` replace the demo's budget cuts for the sentence pipeline (tests use micro models).
+    """
+    import sentcode
+    from sentcode.pipeline import run_pipeline
+
+    flat = run_flat(out, corpus, minutes, samples=False)
+    run = Path(out) / "sentence-demo"
+    print(f"\nbuilding a tiny sentence-step LM on {corpus} (about 4 minutes on 2 CPU cores)")
+    sent = run_pipeline(corpus, run, preset="sentence-tiny",
+                        overrides=DEMO_SENTENCE if sentence_overrides is None else sentence_overrides)
+    g = sentcode.load(run)
+    prompt = SENTENCE_PROMPTS[0]
+    rows = [
+        ("flat byte LM", flat["eval"]["bpb"], sum(p.numel() for p in flat["generator"].model.parameters()),
+         _speed(lambda seed: flat["generator"].generate(prompt, max_bytes=240, temperature=0.7, seed=seed)),
+         flat["generator"].generate(prompt, max_bytes=240, temperature=0.7, seed=0)),
+        ("sentence-step LM", sent["eval"]["bpb"],
+         sum(sum(p.numel() for p in m.parameters()) for m in (g.encoder, g.planner, g.renderer)),
+         _speed(lambda seed: g.generate(prompt, max_sentences=3, temperature=0.7, seed=seed)),
+         g.generate(prompt, max_sentences=3, temperature=0.7, seed=0)),
+    ]
+    print(f"\n{'model':<18} {'test bpb':>9} {'params':>10} {'bytes/s':>9}")
+    for name, bpb, n, speed, _ in rows:
+        print(f"{name:<18} {bpb:>9.4f} {n:>10,} {speed:>9.1f}")
+    print("(sentence-step bpb is the two-part code length: plan bits + render bits; bytes/s at batch 1, "
+          "rerank 4 for the sentence-step LM)")
+    for name, *_, sample in rows:
+        print(f"\n[{name}]\n> {prompt} {sample.strip()}")
+    print(f"\nrun directories: {flat['run']} and {run}")
+    return {"flat": flat["eval"], "sentence": sent["eval"],
+            "table": [{"model": r[0], "bpb": r[1], "params": r[2], "bytes_s": r[3]} for r in rows]}
 
 
 def run_sentence_demo(out: str | Path = "runs/demo", corpus: str = "sotu") -> dict:
@@ -61,7 +120,7 @@ def run_sentence_demo(out: str | Path = "runs/demo", corpus: str = "sotu") -> di
     result = run_pipeline(corpus, run, preset="sentence-tiny")
     print("\n" + format_sentence_result(result["eval"]))
     g = sentcode.load(run)
-    for prompt in ("The state of the Union is strong.", "We must act now.", "Our economy is growing."):
+    for prompt in SENTENCE_PROMPTS:
         print(f"\n> {prompt} {g.generate(prompt, max_sentences=3, temperature=0.7, seed=0)}")
     print(f"\nrun directory: {run}")
     return result
