@@ -357,7 +357,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
 
     # ---- plumbing shared by the generation routes ---------------------------------------------------------------
 
-    async def collect(ticket: Ticket, channel: Channel, request: Request, expect: dict[int, set]) -> dict:
+    async def collect(channel: Channel, request: Request, expect: dict[int, set]) -> dict:
         """Wait for every job of a request. ``expect``: index -> {"result", "done"} still to come.
         Returns index -> {"text", "tokens", "result", "done"}."""
         out = {i: {"text": "", "pieces": [], "tokens": [], "result": None, "done": None} for i in expect}
@@ -433,8 +433,9 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                            "different values", "steps", "conflicting_fields")
         n = body.max_sentences or body.steps or 1
         param = "max_sentences" if body.max_sentences is not None else "steps"
-        if n > SENTENCE_CAP:
-            raise ApiError(400, f"invalid '{param}': at most {SENTENCE_CAP} sentences", param, "too_many_sentences")
+        cap = SENTENCE_CAP if st.family == "lm" else st.length_cap()
+        if n > cap:
+            raise ApiError(400, f"invalid '{param}': at most {cap} sentences", param, "too_many_sentences")
         st.check_prompt_size(body.prompt)
         sample = body.sample if body.sample is not None else bool(p and p.do_sample)
         temperature = next((t for t in (body.temperature, p and p.temperature, p and p.temp) if t is not None), 1.0)
@@ -453,7 +454,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                 job = st.generation_job(channel, body.prompt, n, temperature=temperature if sample else 0.0,
                                         top_p=p and p.top_p, top_k=p and p.top_k, seed=seed, rerank=rerank)
             st.submit(ticket, job)
-            got = (await collect(ticket, channel, request, {0: {"done"}}))[0]
+            got = (await collect(channel, request, {0: {"done"}}))[0]
             completion, done = got["text"], got["done"]
             if st.family == "lm":
                 from sentcode.corpus.sentences import split_sentences
@@ -503,7 +504,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
             expect = build_jobs(ticket, channel)
             if body.stream:
                 return await stream_completion(ticket, channel, request, expect, rid, created, include_usage)
-            got = await collect(ticket, channel, request, {i: set(e) for i, e in expect.items()})
+            got = await collect(channel, request, {i: set(e) for i, e in expect.items()})
             choices, p_tok, c_tok = [], 0, 0
             for i, prompt in enumerate(body.prompt):
                 g = got[i]
@@ -598,7 +599,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                                     sep_first=False, param="messages")
             st.submit(ticket, job)
             if not body.stream:
-                got = (await collect(ticket, channel, request, {0: {"done"}}))[0]
+                got = (await collect(channel, request, {0: {"done"}}))[0]
                 done = got["done"]
                 return {"id": rid, "object": "chat.completion", "created": created, "model": st.name,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": got["text"]},
