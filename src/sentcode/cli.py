@@ -172,6 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="longest reply: bytes for a flat LM (default 200), sentences for a sentence run (default 3)")
     _add_sampling(chat)
 
+    # prefix_chars="+": every "-" option after `lm-eval` belongs to lm-eval, so argparse passes it through.
+    lme = sub.add_parser("lm-eval", prefix_chars="+", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         help="run lm-evaluation-harness with the 'sentcode' model registered (extra 'lmeval')",
+                         usage="sentcode lm-eval [LM_EVAL_ARGS ...]",
+                         description="""Run lm-eval's own command line in a process where the model 'sentcode' is
+registered (lm-eval 0.4.x finds third-party models only that way). Every argument goes to lm-eval
+unchanged; --include_path defaults to the bundled offline tasks: sentcode_sotu_mc (multiple choice),
+sentcode_sotu_ppl (rolling log-likelihood), sentcode_sotu_gen (generation), tag sentcode_sotu.
+
+  sentcode lm-eval --model sentcode --model_args run=runs/tiny --tasks sentcode_sotu
+  sentcode lm-eval run --help          lm-eval's own options
+
+Model args: run=RUN_DIR (a flat LM or a sentence pipeline run), device=cpu|cuda, rerank=N (sentence
+runs, when sampling). Needs pip install 'sentcode[lmeval]'.""")
+    lme.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="LM_EVAL_ARGS",
+                     help="arguments for lm-eval, e.g. --model sentcode --model_args run=RUN_DIR --tasks sentcode_sotu")
+    lme.set_defaults(print_help=lme.print_help)
+
     demo = sub.add_parser("demo", help="the main job: prepare the default corpus, train, evaluate, sample",
                           description="Prepare the default corpus, train the tiny flat byte LM and a tiny "
                           "sentence-step LM (about 7 minutes on 2 CPU cores in all), evaluate both on the held-out "
@@ -346,6 +364,13 @@ def _dispatch(args) -> int:
 
         return run_chat(args.run_dir, temperature=args.temperature, max_len=args.max, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed)
+    if args.command == "lm-eval":
+        if not args.lm_eval_args or args.lm_eval_args[0] in ("-h", "--help"):
+            args.print_help()
+            return 0
+        from sentcode.lmeval.cli import run_lm_eval
+
+        return run_lm_eval(args.lm_eval_args)
     if args.command == "demo":
         from sentcode.demo import run_demo, run_flat, run_sentence_demo
 
