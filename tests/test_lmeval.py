@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,11 @@ def test_flat_run_through_the_command(trained_run, tmp_path, capsys):
     from sentcode.cli import main
 
     run = trained_run[0]
-    rc = main(["lm-eval", "--model", "sentcode", "--model_args", f"run={run}", "--tasks", "sentcode_sotu",
-               "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")])
+    # The README's command, on the test run, with the samples written out for the checks below.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (command,) = [line for line in readme.splitlines() if line.startswith("sentcode lm-eval --model sentcode")]
+    argv = shlex.split(command.replace("run=runs/tiny", f"run={run}"))[1:]
+    rc = main(argv + ["--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "sentcode_sotu_mc" in printed and "bits_per_byte" in printed
