@@ -292,3 +292,40 @@ def test_interrupted_training_resumes_to_the_same_losses(tmp_path):
     cut, full = losses(tmp_path / "cut"), losses(tmp_path / "full")
     assert [s for s, _ in cut] == [s for s, _ in full] == list(range(1, 7))
     assert [v for _, v in cut] == pytest.approx([v for _, v in full], rel=1e-6)
+
+
+def test_code_tables_start_from_the_centroids():
+    """code_init centroids: equal centroids give equal table rows, the geometry is kept (a linear map of the
+    centered centroids), the scale is the default one; wrong shapes are errors, and training through
+    train_renderer without codebooks is refused."""
+    m = tiny()
+    rng = np.random.default_rng(0)
+    books = [torch.from_numpy(rng.normal(size=(8, 5)).astype(np.float32)) for _ in range(2)]
+    books[0][3] = books[0][1]
+    m.init_code_embeddings(books)
+    w0 = m.code_emb[0].weight.detach()
+    assert torch.equal(w0[3], w0[1]) and not torch.equal(w0[2], w0[1])
+    assert float(w0.std()) == pytest.approx(0.02, rel=1e-3)
+    # rows are an affine image of the centroids: least squares on [centroid, 1] recovers them exactly
+    X = torch.cat([books[1], torch.ones(8, 1)], 1)
+    w1 = m.code_emb[1].weight.detach()
+    fit = X @ torch.linalg.lstsq(X, w1).solution
+    assert torch.allclose(fit, w1, atol=1e-6)
+    with pytest.raises(SentcodeError, match="codebook 1 must have 8 rows"):
+        m.init_code_embeddings([books[0], books[1][:4]])
+    with pytest.raises(SentcodeError, match="expected 2 codebooks"):
+        m.init_code_embeddings(books[:1])
+    with pytest.raises(ConfigError, match="code_init"):
+        RendererConfig(**{**TINY, "code_init": "pca"}).validate()
+
+
+def test_centroid_init_needs_codebooks_and_trains(tmp_path):
+    train, val = code_docs(10, 4, seed=1), code_docs(2, 4, seed=2)
+    with pytest.raises(ConfigError, match="needs the RVQ codebooks"):
+        train_renderer(train, val, tmp_path / "a", overrides=TINY_RUN + ["renderer.code_init=centroids"],
+                       max_steps=2, device="cpu", progress=False)
+    assert not (tmp_path / "a").exists()
+    books = [torch.randn(8, 6) for _ in range(2)]
+    s = train_renderer(train, val, tmp_path / "b", overrides=TINY_RUN + ["renderer.code_init=centroids"],
+                       max_steps=3, device="cpu", progress=False, codebooks=books)
+    assert s["status"] == "completed" and math.isfinite(s["final_eval"]["render_bits_per_byte"])

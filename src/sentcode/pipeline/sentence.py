@@ -157,7 +157,8 @@ def renderer_overrides(cfg: dict, use_codes: bool = True) -> list[str]:
     if use_codes:
         return out + _budget(cfg, "renderer")
     # The ablation reads no codes, so code corruption means nothing to it.
-    return out + ["renderer.use_codes=false", "renderer.code_noise=0.0", "renderer.predicted_mix=0.0"] \
+    return out + ["renderer.use_codes=false", "renderer.code_noise=0.0", "renderer.predicted_mix=0.0",
+                  "renderer.code_init=random"] \
         + _budget(cfg, "renderer_nocode")
 
 
@@ -631,11 +632,12 @@ def _render_docs(run_dir: Path, split: str, use_codes: bool):
 def _train_render(ctx: _Ctx, stage: str, use_codes: bool) -> dict:
     from sentcode.train.renderer import train_renderer
 
+    codebooks = None
     if use_codes:
-        load_rvq(ctx.run_dir, ctx.cfg)
+        codebooks = [b.embed.detach().clone() for b in load_rvq(ctx.run_dir, ctx.cfg).books]
     s = train_renderer(_render_docs(ctx.run_dir, "train", use_codes), _render_docs(ctx.run_dir, "val", use_codes),
                        ctx.dir(stage), overrides=renderer_overrides(ctx.cfg, use_codes), device=ctx.device,
-                       progress=ctx.train_progress())
+                       progress=ctx.train_progress(), codebooks=codebooks)
     if s["status"] != "completed":
         raise KeyboardInterrupt
     return _summary(s)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sentcode.data.embeddings import sentences_sha256
-from sentcode.errors import DataError
+from sentcode.errors import ConfigError, DataError
 from sentcode.models.sentence.renderer import (
     FAMILY, ARRenderer, RenderBatch, RendererConfig, RendererRunConfig, collate_render, load_renderer_config, tail,
 )
@@ -250,10 +250,13 @@ class ValRender:
         return out
 
 
-def build_renderer_task(cfg: RendererRunConfig, train_docs, val, dist_info, device) -> TrainTask:
-    """``train_docs``: RenderDocs (or their flattened ``_Examples``); ``val``: held-out RenderDocs or a ``ValRender``."""
+def build_renderer_task(cfg: RendererRunConfig, train_docs, val, dist_info, device, codebooks=None) -> TrainTask:
+    """``train_docs``: RenderDocs (or their flattened ``_Examples``); ``val``: held-out RenderDocs or a ``ValRender``;
+    ``codebooks``: the RVQ centroids per level, for ``renderer.code_init: centroids``."""
     rcfg, t = cfg.renderer, cfg.train
     model = ARRenderer(rcfg)
+    if rcfg.use_codes and rcfg.code_init == "centroids":
+        model.init_code_embeddings(codebooks, seed=t.seed)
     source = RenderBatches(train_docs, rcfg, t.micro_batch, seed=t.seed, rank=dist_info.rank,
                            world_size=dist_info.world_size)
     if not isinstance(val, ValRender):
@@ -302,8 +305,11 @@ def train_renderer(
     progress: bool | str = True,
     stop_at: int | None = None,
     preset: str | None = None,
+    codebooks=None,
 ) -> dict:
     """Train a renderer on ``RenderDoc`` documents into ``run_dir``; returns the loop's summary.
+
+    ``codebooks`` (the RVQ centroids, [V_l, dim] per level) are required with ``renderer.code_init: centroids``.
 
     ``overrides`` are ``key.sub=value`` strings such as ``renderer.use_codes=false``; ``preset`` an optional
     YAML config file (defaults: ``RendererRunConfig``'s).
@@ -313,6 +319,14 @@ def train_renderer(
     if max_steps is not None:
         overrides.append(f"train.max_steps={max_steps}")
     cfg = load_renderer_config(preset, overrides)
+    if cfg.renderer.use_codes and cfg.renderer.code_init == "centroids":
+        if codebooks is None:
+            raise ConfigError("renderer.code_init=centroids needs the RVQ codebooks (train it through the sentence "
+                              "pipeline) or renderer.code_init=random")
+        codebooks = [torch.as_tensor(c, dtype=torch.float32) for c in codebooks]
+        if len(codebooks) != cfg.renderer.levels or any(
+                c.dim() != 2 or c.shape[0] != v for c, v in zip(codebooks, cfg.renderer.codebook_sizes)):
+            raise ConfigError("the RVQ codebooks do not match renderer.levels / renderer.codebook_sizes")
     # Built (and so checked) before anything is written: a bad input leaves no half-made run directory.
     train = _Examples(train_docs, cfg.renderer, "training")
     RenderBatches(train, cfg.renderer, cfg.train.micro_batch)
@@ -320,7 +334,7 @@ def train_renderer(
     resume_path = check_resume(run_dir, resume, cfg.to_dict(),
                                {"train_corpus.sha256": (_docs_sha256(train_docs), "other documents")})
     write_run_files(run_dir, cfg, train_corpus=_corpus_info(train_docs), val_corpus=_corpus_info(val_docs))
-    return train_and_export(run_dir, cfg, lambda info, dev: build_renderer_task(cfg, train, val, info, dev), WEIGHTS,
+    return train_and_export(run_dir, cfg, lambda info, dev: build_renderer_task(cfg, train, val, info, dev, codebooks), WEIGHTS,
                             resume=resume_path, device=device, progress=progress, stop_at=stop_at)
 
 

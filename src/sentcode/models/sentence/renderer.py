@@ -56,6 +56,9 @@ class RendererConfig:
     # Training-time corruption, so the renderer does not trust its codes more than inference can:
     code_noise: float = 0.1  # per level, probability of replacing a code by a uniformly random one
     predicted_mix: float = 0.0  # per sentence, probability of reading the planner's predicted tuple instead
+    # How the code tables start: "random", or "centroids" (each code's RVQ centroid through a fixed random
+    # projection, so codes that are close in embedding space start close; needs the codebooks at training).
+    code_init: str = "random"
 
     @property
     def prefix_len(self) -> int:
@@ -76,6 +79,8 @@ class RendererConfig:
                 f"renderer.codebook_sizes must list {self.levels} positive integers (one per level), got {sizes!r}"
             )
         self.codebook_sizes = [int(v) for v in sizes]  # a tuple would not survive yaml.safe_dump
+        if self.code_init not in ("random", "centroids"):
+            raise ConfigError(f"renderer.code_init must be 'random' or 'centroids', got {self.code_init!r}")
         if self.use_residual and not self.use_codes:
             raise ConfigError("renderer.use_residual needs renderer.use_codes: the residual is added to the code prefix")
         if min(self.d_model, self.n_layer, self.n_head, self.n_kv_head, self.d_emb) <= 0:
@@ -223,6 +228,29 @@ class ARRenderer(nn.Module):
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+
+    @torch.no_grad()
+    def init_code_embeddings(self, codebooks: Sequence[torch.Tensor], seed: int = 0) -> None:
+        """Start level l's code table from its RVQ centroids [V_l, dim] through a fixed random projection
+        (``code_init: centroids``).
+
+        Why: a table entry learns only from the sentences that carry its code, a few dozen each in a short
+        run, so randomly initialised tables stay noise and the renderer learns to ignore them (measured: oracle
+        codes were worth nothing over shuffled ones). Started from the centroids, codes that are close in
+        embedding space start close, and what the trunk learns to read from one code carries over to its
+        neighbours. Each table keeps the scale of the default initialisation.
+        """
+        if self.code_emb is None:
+            raise SentcodeError("this renderer reads no codes (use_codes is false)")
+        if len(codebooks) != len(self.code_emb):
+            raise SentcodeError(f"expected {len(self.code_emb)} codebooks, got {len(codebooks)}")
+        g = torch.Generator().manual_seed(seed)
+        for l, (emb, cb) in enumerate(zip(self.code_emb, codebooks)):
+            cb = torch.as_tensor(cb, dtype=torch.float32).cpu()
+            if cb.dim() != 2 or cb.shape[0] != emb.num_embeddings:
+                raise SentcodeError(f"codebook {l} must have {emb.num_embeddings} rows, got shape {tuple(cb.shape)}")
+            w = (cb - cb.mean(0)) @ torch.randn(cb.shape[1], emb.embedding_dim, generator=g)
+            emb.weight.copy_((w * (0.02 / w.std().clamp(min=1e-12))).to(emb.weight))
 
     @property
     def device(self) -> torch.device:
