@@ -252,6 +252,60 @@ def test_echo_logprobs_for_lm_eval(flat):
     assert got == pytest.approx(want, abs=1e-4) and greedy == want_greedy
 
 
+def test_tokenizer_endpoints_and_token_id_prompts(flat, sent):
+    """Guards what lm-eval's remote tokenizer relies on (vLLM's /tokenizer_info, /tokenize, /detokenize) and
+    token-id prompts that start with the document-start token, as lm-eval sends them."""
+    from sentcode.infer.scoring import loglikelihood
+
+    tok = flat.state.gen.tokenizer
+    status, info, _ = call(flat, "/tokenizer_info")
+    assert status == 200 and info["eos_token"] == "<|eos|>" and info["bos_token"] is None
+    assert info["model_max_length"] == 64
+    status, r, _ = call(flat, "/tokenize", {"prompt": info["eos_token"] + "We", "add_special_tokens": False})
+    assert status == 200 and r["tokens"] == [tok.eos_id] + tok.encode("We") and r["count"] == 3
+    assert call(flat, "/detokenize", {"tokens": r["tokens"] + [0xC3]})[1]["prompt"] == "<|eos|>We\ufffd"
+    assert_error(*call(flat, "/detokenize", {"tokens": [999]})[:2], 400, "tokens")
+    assert_error(*call(sent, "/tokenize", {"prompt": "x"})[:2], 400)
+    context, continuation = tok.encode("We must"), tok.encode(" act.")
+    ids = [tok.eos_id] + context + continuation  # lm-eval: prefix token, context, continuation
+    status, r, _ = call(flat, "/v1/completions", {"prompt": [ids], "max_tokens": 1, "echo": True, "logprobs": 1,
+                                                  "temperature": 0})
+    assert status == 200, r
+    lp = r["choices"][0]["logprobs"]
+    assert lp["tokens"][0] == "<|eos|>" and lp["token_logprobs"][0] is None and len(lp["tokens"]) == len(ids) + 1
+    ctxlen = 1 + len(context)
+    want, _ = loglikelihood(flat.state.gen, "We must", " act.")
+    assert sum(lp["token_logprobs"][ctxlen:-1]) == pytest.approx(want, abs=1e-4)
+    assert r["choices"][0]["text"].startswith("<|eos|>We must act.") and r["usage"]["prompt_tokens"] == len(ids)
+    # generation from token ids equals generation from the same text
+    by_ids = call(flat, "/v1/completions", {"prompt": context, "max_tokens": 8, "seed": 1})[1]
+    by_text = call(flat, "/v1/completions", {"prompt": "We must", "max_tokens": 8, "seed": 1})[1]
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+    assert_error(*call(flat, "/v1/completions", {"prompt": [1, tok.pad_id]})[:2], 400, "prompt")
+    assert_error(*call(sent, "/v1/completions", {"prompt": [1, 2]})[:2], 400, "prompt")
+
+
+def test_lm_eval_local_completions_scores_the_server(flat):
+    """lm-eval's own local-completions client, auto-detecting the server's tokenizer, gets the same
+    log-likelihoods as sentcode's scoring API."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity and aiohttp")
+    pytest.importorskip("aiohttp", reason="lm-eval's API models need tenacity and aiohttp")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from sentcode.infer.scoring import loglikelihood
+
+    lm = LocalCompletionsAPI(base_url=flat.url + "/v1/completions", model="m", max_length=64)
+    assert lm.tokenizer_backend == "remote"
+    pairs = [("We must", " act."), ("The state of the Union", " is strong")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                           disable_tqdm=True)
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        want, want_greedy = loglikelihood(flat.state.gen, ctx, cont)
+        assert ll == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+
+
 def test_chat_completions(flat, sent):
     msgs = [{"role": "system", "content": "We must"}, {"role": "user", "content": [{"type": "text", "text": "act"}]}]
     status, r, _ = call(flat, "/v1/chat/completions", {"messages": msgs, "max_tokens": 12, "temperature": 1.0,

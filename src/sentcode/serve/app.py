@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,13 +30,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import sentcode
 from sentcode.infer.batch import BatchRequest
 from sentcode.serve.config import SENTENCE_CAP, ServeConfig
-from sentcode.serve.schemas import ChatRequest, CompletionRequest, GenerateRequest
+from sentcode.serve.schemas import (
+    ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest, TokenizeRequest,
+)
 from sentcode.serve.worker import (
     SENTENCE_BYTES, CallJob, Channel, Done, Failed, FlatJob, Piece, Result, SentenceJob, Worker,
 )
 
 DEFAULT_FLAT_TOKENS = 256
 DEFAULT_SENTENCES = 3
+# Special tokens as text (the names ``sentcode.infer.scoring.token_text`` gives them). A prompt may start with
+# the end-of-text token, by id or by name: it marks the document start the server otherwise adds itself.
+SPECIAL_NAMES = ("<|bos|>", "<|eos|>", "<|pad|>")
+EOS_NAME = SPECIAL_NAMES[1]
 
 
 class ApiError(Exception):
@@ -261,32 +269,77 @@ class State:
                            param, "max_tokens_too_large")
         return value
 
-    def prompt_ids(self, prompt: str, param: str = "prompt") -> list[int]:
+    def prompt(self, item: str | list[int], param: str = "prompt", generate: bool = True,
+               score: bool = False) -> "Prompt":
+        """A prompt as the model reads it. ``generate``: it must fit the context; ``score``: token ids must be
+        the tokenizer's own encoding of their text (per-token log-probs are computed from the text)."""
+        if isinstance(item, str):
+            self.check_prompt_size(item, param)
+        elif len(item) > self.cfg.max_prompt_bytes:
+            raise ApiError(400, f"{param} is {len(item)} tokens; the limit is {self.cfg.max_prompt_bytes} "
+                           "(--max-prompt-bytes)", param, "prompt_too_long")
+        if self.family != "lm":
+            if not isinstance(item, str):
+                raise ApiError(400, "token-id prompts need a flat LM run; send text", param, "unsupported")
+            return Prompt(item, item, None, False, len(self.gen.split(item)) if item.strip() else 0)
         tok = self.gen.tokenizer
-        ids = [tok.eos_id] + tok.encode(prompt)  # the end-of-text token marks a document start, as in training
-        if len(ids) > self.gen.context:
+        if isinstance(item, str):
+            lead = item.startswith(EOS_NAME)
+            data = item[len(EOS_NAME):] if lead else item
+            rest = tok.encode(data)
+            text = item
+        else:
+            if any(not 0 <= t < tok.vocab_size for t in item):
+                raise ApiError(400, f"invalid '{param}': token ids must lie in [0, {tok.vocab_size})", param,
+                               "invalid_token")
+            lead = bool(item) and item[0] == tok.eos_id
+            rest = item[1:] if lead else list(item)
+            if any(t in tok.special_ids for t in rest):
+                raise ApiError(400, f"invalid '{param}': a special token other than a leading {EOS_NAME}", param,
+                               "invalid_token")
+            data = tok.decode(rest)
+            if score and tok.encode(data) != rest:
+                raise ApiError(400, f"invalid '{param}': per-token log-probs need the tokenizer's own encoding of "
+                               "the text (these ids tokenize it differently); send the text instead", param,
+                               "non_canonical_tokens")
+            text = (EOS_NAME if lead else "") + data.decode("utf-8", "replace")
+        ids = [tok.eos_id] + rest  # the end-of-text token marks a document start, as in training
+        if generate and len(ids) > self.gen.context:
             raise ApiError(400, f"{param} is {len(ids) - 1} tokens but the model's context is {self.gen.context - 1}; "
                            "shorten it", param, "context_length_exceeded")
-        return ids
+        return Prompt(text, data, ids, lead, len(rest) + lead)
 
-    def prompt_tokens(self, prompt: str) -> int:
-        if self.family == "lm":
-            return len(self.gen.tokenizer.encode(prompt))
-        return len(self.gen.split(prompt)) if prompt.strip() else 0
-
-    def generation_job(self, channel: Channel, prompt: str, n: int, *, temperature: float, top_p, top_k, seed,
+    def generation_job(self, channel: Channel, prompt: "Prompt", n: int, *, temperature: float, top_p, top_k, seed,
                        stops=(), logprobs: int | None = None, sentences: int | None = None, rerank: int = 4,
-                       sep_first: bool = True, index: int = 0, param: str = "prompt"):
+                       sep_first: bool = True, index: int = 0):
         if self.family == "lm":
-            ids = self.prompt_ids(prompt, param)
-            req = BatchRequest(ids, n, temperature=temperature, top_k=top_k or None,
+            req = BatchRequest(prompt.ids, n, temperature=temperature, top_k=top_k or None,
                                top_p=None if top_p is None or top_p >= 1 else top_p, seed=seed,
                                stop_ids=(self.gen.tokenizer.eos_id,), logprobs=logprobs)
-            return FlatJob(channel, req, self.gen.tokenizer, len(ids) - 1, stops, sentences, index)
+            return FlatJob(channel, req, self.gen.tokenizer, prompt.tokens, stops, sentences, index)
         kwargs = dict(max_sentences=n, rerank=rerank, temperature=temperature, seed=seed, top_k=top_k or None,
                       top_p=None if top_p is None or top_p >= 1 else top_p)
-        return SentenceJob(channel, prompt, kwargs, self.prompt_tokens(prompt), stops,
-                           sep_first and bool(prompt) and not prompt[-1].isspace(), index)
+        text = prompt.data
+        return SentenceJob(channel, text, kwargs, prompt.tokens, stops,
+                           sep_first and bool(text) and not text[-1].isspace(), index)
+
+
+@dataclass
+class Prompt:
+    text: str  # as echoed back
+    data: str | bytes  # what the model continues and scores: the text after an explicit document-start token
+    ids: list[int] | None  # flat LM: the document-start token, then the prompt's tokens
+    lead: bool  # the prompt began with an explicit document-start token (how lm-eval marks a document start)
+    tokens: int  # prompt tokens (sentences for a sentence run) for usage
+
+    def echo_rows(self, rows: list[dict]) -> list[dict]:
+        """Scoring rows of ``data`` as rows of ``text``: an explicit document-start token comes first, with no
+        log-prob (nothing predicts it), and shifts the offsets."""
+        if not self.lead:
+            return rows
+        n = len(EOS_NAME)
+        return [{"token": EOS_NAME, "logprob": None, "top": {}, "offset": 0}] + \
+            [{**r, "offset": r["offset"] + n} for r in rows]
 
 
 def _failure(item: Failed) -> ApiError:
@@ -424,6 +477,52 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
             card["context"] = gen.context
         return {"object": "list", "data": [card]}
 
+    # ---- the tokenizer, in vLLM's shape: lm-eval's local-completions finds these and tokenizes through them ----
+
+    special = re.compile("|".join(re.escape(n) for n in SPECIAL_NAMES))
+
+    def flat_tokenizer():
+        if st.family != "lm":
+            raise ApiError(400, "a sentence-step run has no token vocabulary (it reads and writes text)", None,
+                           "unsupported")
+        return gen.tokenizer
+
+    @app.get("/tokenizer_info", summary="the flat LM's tokenizer: special tokens and context")
+    async def tokenizer_info():
+        tok = flat_tokenizer()
+        # No bos_token: a document starts with the end-of-text token, so that is what a client should prefix.
+        return {"tokenizer_class": f"sentcode-{tok.kind}", "eos_token": EOS_NAME, "bos_token": None,
+                "pad_token": SPECIAL_NAMES[2], "model_max_length": gen.context, "vocab_size": tok.vocab_size,
+                "chat_template": None}
+
+    @app.post("/tokenize", summary="text -> token ids (special token names become their ids)")
+    async def tokenize(body: TokenizeRequest):
+        tok = flat_tokenizer()
+        st.check_prompt_size(body.prompt)
+        ids, pos = ([tok.eos_id] if body.add_special_tokens else []), 0
+        for m in special.finditer(body.prompt):
+            ids += tok.encode(body.prompt[pos : m.start()]) + [tok.special_ids[SPECIAL_NAMES.index(m.group())]]
+            pos = m.end()
+        ids += tok.encode(body.prompt[pos:])
+        return {"tokens": ids, "count": len(ids), "max_model_len": gen.context}
+
+    @app.post("/detokenize", summary="token ids -> text (special tokens as their names, invalid UTF-8 as U+FFFD)")
+    async def detokenize(body: DetokenizeRequest):
+        tok = flat_tokenizer()
+        if any(not 0 <= t < tok.vocab_size for t in body.tokens):
+            raise ApiError(400, f"invalid 'tokens': token ids must lie in [0, {tok.vocab_size})", "tokens",
+                           "invalid_token")
+        text, run = "", []
+        for t in body.tokens + [None]:
+            if t is None or t in tok.special_ids:
+                text += tok.decode(run).decode("utf-8", "replace")
+                run = []
+                if t is not None:
+                    text += SPECIAL_NAMES[tok.special_ids.index(t)]
+            else:
+                run.append(t)
+        return {"prompt": text}
+
     @app.post("/generate", summary="the seeds' body: {prompt, steps, sample, temperature} or "
               "{prompt, max_sentences, params: {rerank}}")
     async def generate(body: GenerateRequest, request: Request):
@@ -436,7 +535,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
         cap = SENTENCE_CAP if st.family == "lm" else st.length_cap()
         if n > cap:
             raise ApiError(400, f"invalid '{param}': at most {cap} sentences", param, "too_many_sentences")
-        st.check_prompt_size(body.prompt)
+        prompt = st.prompt(body.prompt)
         sample = body.sample if body.sample is not None else bool(p and p.do_sample)
         temperature = next((t for t in (body.temperature, p and p.temperature, p and p.temp) if t is not None), 1.0)
         rerank = 4 if p is None or p.rerank is None or p.rerank is True else (1 if p.rerank is False else p.rerank)
@@ -448,10 +547,10 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
             channel = Channel(asyncio.get_running_loop())
             if st.family == "lm":
                 budget = min(st.cfg.max_tokens, n * SENTENCE_BYTES)
-                job = st.generation_job(channel, body.prompt, budget, temperature=temperature if sample else 0.0,
+                job = st.generation_job(channel, prompt, budget, temperature=temperature if sample else 0.0,
                                         top_p=p and p.top_p, top_k=p and p.top_k, seed=seed, sentences=n)
             else:
-                job = st.generation_job(channel, body.prompt, n, temperature=temperature if sample else 0.0,
+                job = st.generation_job(channel, prompt, n, temperature=temperature if sample else 0.0,
                                         top_p=p and p.top_p, top_k=p and p.top_k, seed=seed, rerank=rerank)
             st.submit(ticket, job)
             got = (await collect(channel, request, {0: {"done"}}))[0]
@@ -474,8 +573,9 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
     @app.post("/v1/completions", summary="OpenAI completions (legacy): echo and logprobs for scoring, SSE streaming")
     async def completions(body: CompletionRequest, request: Request):
         n = st.max_tokens(body.max_tokens)
-        for prompt in body.prompt:
-            st.check_prompt_size(prompt)
+        scoring = body.echo and body.logprobs is not None
+        prompts = [st.prompt(item, "prompt" if len(body.prompt) == 1 else f"prompt[{i}]", generate=n > 0,
+                             score=scoring) for i, item in enumerate(body.prompt)]
         if body.logprobs is not None and st.family != "lm" and not body.echo:
             raise ApiError(400, "per-token log-probs are not defined for sentence-step runs (they write whole "
                            "sentences, not tokens)", "logprobs", "unsupported")
@@ -485,14 +585,14 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
         def build_jobs(ticket: Ticket, channel: Channel) -> dict[int, set]:
             """Scoring jobs first: the worker takes jobs in order and runs a scoring job before its next decode
             step, so every prompt's log-probs arrive before any generated piece."""
-            expect: dict[int, set] = {i: set() for i in range(len(body.prompt))}
+            expect: dict[int, set] = {i: set() for i in range(len(prompts))}
             gen_jobs = [st.generation_job(channel, prompt, n, temperature=body.temperature, top_p=body.top_p,
                                           top_k=body.top_k, seed=body.seed, stops=body.stop, logprobs=body.logprobs,
-                                          index=i) for i, prompt in enumerate(body.prompt)] if n > 0 else []
-            if body.echo and body.logprobs is not None:
-                for i, prompt in enumerate(body.prompt):
-                    st.submit(ticket, CallJob(channel, lambda g, t=prompt, k=body.logprobs: _score(g, t, k), i,
-                                              "logprobs"))
+                                          index=i) for i, prompt in enumerate(prompts)] if n > 0 else []
+            if scoring:
+                for i, prompt in enumerate(prompts):
+                    st.submit(ticket, CallJob(channel, lambda g, p=prompt, k=body.logprobs: p.echo_rows(
+                        _score(g, p.data, k)), i, "logprobs"))
                     expect[i].add("result")
             for job in gen_jobs:
                 st.submit(ticket, job)
@@ -506,18 +606,18 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                 return await stream_completion(ticket, channel, request, expect, rid, created, include_usage)
             got = await collect(channel, request, {i: set(e) for i, e in expect.items()})
             choices, p_tok, c_tok = [], 0, 0
-            for i, prompt in enumerate(body.prompt):
+            for i, prompt in enumerate(prompts):
                 g = got[i]
                 done = g["done"]
-                text = (prompt if body.echo else "") + g["text"]
+                text = (prompt.text if body.echo else "") + g["text"]
                 lp = None
                 if body.logprobs is not None:
-                    lp = _completion_logprobs(g["tokens"], len(prompt) if body.echo else 0)
+                    lp = _completion_logprobs(g["tokens"], len(prompt.text) if body.echo else 0)
                     if body.echo:
                         lp = _merge_logprobs(_completion_logprobs(g["result"], 0), lp)
                 choices.append({"index": i, "text": text, "logprobs": lp,
                                 "finish_reason": done.finish_reason if done else "length"})
-                p_tok += done.prompt_tokens if done else st.prompt_tokens(prompt)
+                p_tok += prompt.tokens
                 c_tok += done.completion_tokens if done else 0
             return {"id": rid, "object": "text_completion", "created": created, "model": st.name,
                     "choices": choices, "usage": _usage(p_tok, c_tok)}
@@ -530,7 +630,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
             lead: list[str] = []
             offsets = {i: 0 for i in expect}  # where the completion starts in the streamed text
             if body.echo:  # the prompt goes first (its log-probs were asked for before any generation)
-                for i, prompt in enumerate(body.prompt):
+                for i, prompt in enumerate(prompts):
                     lp = None
                     if "result" in expect[i]:
                         item = await first_item(channel, request)
@@ -538,14 +638,14 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                             raise ApiError(500, "internal error: prompt log-probs out of order", code="internal_error")
                         lp = _completion_logprobs(item.value, 0)
                         expect[i].discard("result")
-                    lead.append(chunk(i, prompt, lp))
-                    offsets[i] = len(prompt)
+                    lead.append(chunk(i, prompt.text, lp))
+                    offsets[i] = len(prompt.text)
                     if not expect[i]:
                         lead.append(chunk(i, "", None, "length"))
             pending_first = await first_item(channel, request) if any(expect.values()) else None
 
             async def events():
-                usage = [sum(st.prompt_tokens(p) for i, p in enumerate(body.prompt) if "done" not in expect[i]), 0]
+                usage = [sum(p.tokens for p in prompts), 0]
                 for e in lead:
                     yield e
                 left = {i for i, e in expect.items() if e}
@@ -561,7 +661,6 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                         lp = None if body.logprobs is None else _completion_logprobs(item.tokens, offsets[item.index])
                         yield chunk(item.index, item.text, lp)
                     elif isinstance(item, Done):
-                        usage[0] += item.prompt_tokens
                         usage[1] += item.completion_tokens
                         left.discard(item.index)
                         yield chunk(item.index, "", None, item.finish_reason)
@@ -586,8 +685,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
         if body.logprobs and st.family != "lm":
             raise ApiError(400, "per-token log-probs are not defined for sentence-step runs (they write whole "
                            "sentences, not tokens)", "logprobs", "unsupported")
-        prompt = chat_prompt([m.content for m in body.messages], st.family)
-        st.check_prompt_size(prompt, "messages")
+        prompt = st.prompt(chat_prompt([m.content for m in body.messages], st.family), "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -596,7 +694,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
             channel = Channel(asyncio.get_running_loop())
             job = st.generation_job(channel, prompt, n, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, seed=body.seed, stops=body.stop, logprobs=logprobs,
-                                    sep_first=False, param="messages")
+                                    sep_first=False)
             st.submit(ticket, job)
             if not body.stream:
                 got = (await collect(channel, request, {0: {"done"}}))[0]

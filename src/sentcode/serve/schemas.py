@@ -57,7 +57,8 @@ class _Sampling(Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Any = Field("", description="a string or a list of strings (one choice each)")
+    prompt: Any = Field("", description="a string, a list of strings (one choice each), or token ids (a list of "
+                        "ints, or a list of such lists; flat LM only)")
     max_tokens: int | None = Field(None, ge=0, description="flat LM: tokens; sentence-step run: sentences")
     echo: bool = Field(False, description="return the prompt before the completion")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
@@ -68,12 +69,27 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, v):
-        items = [v] if isinstance(v, str) else v
-        if not isinstance(items, list) or not items or not all(isinstance(p, str) for p in items):
-            raise ValueError("must be a string or a non-empty list of strings")
+        def ids(x) -> bool:
+            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        items = [v] if isinstance(v, str) or ids(v) else v
+        if not isinstance(items, list) or not items or not all(isinstance(p, str) or ids(p) for p in items):
+            raise ValueError("must be a string, a non-empty list of strings, or token ids (a non-empty list of "
+                             "integers, or a list of such lists)")
         if len(items) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
         return items
+
+
+class TokenizeRequest(Body):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = Field(False, description="start with the document-start token (end-of-text)")
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 class ChatMessage(Body):
