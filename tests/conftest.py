@@ -48,7 +48,7 @@ MICRO = [
     "renderer.train.batch_tokens=256", "renderer.train.warmup_steps=2",
     "eval.agreement_contexts=4", "eval.rerank=2",
     "budgets.encoder.max_steps=10", "budgets.planner.max_steps=10", "budgets.renderer.max_steps=10",
-    "budgets.renderer_nocode.max_steps=10",
+    "budgets.renderer_nocode.max_steps=10", "renderer_nar.enabled=false",
 ]
 
 

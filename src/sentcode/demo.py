@@ -55,7 +55,7 @@ def run_flat(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float
 # minutes next to the flat LM (the full preset, ``sentcode demo --sentence``, takes about 12).
 DEMO_SENTENCE = [
     "budgets.encoder.time_budget_s=40", "budgets.planner.time_budget_s=25", "budgets.renderer.time_budget_s=70",
-    "budgets.renderer_nocode.time_budget_s=15", "eval.agreement_contexts=10",
+    "budgets.renderer_nocode.time_budget_s=15", "eval.agreement_contexts=10", "renderer_nar.enabled=false",
 ]
 SENTENCE_PROMPTS = ("The state of the Union is strong.", "We must act now.", "Our economy is growing.")
 
