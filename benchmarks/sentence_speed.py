@@ -15,12 +15,16 @@ sentences/s and time to first sentence.
 
 Prompts are real held-out sentences of equal byte length (the models batch equal-shape rows only), long
 enough to fill the renderer's context window. The parameter counts of both sides are recorded; compare
-models of about the same total size. Writes results/sentence_speed.json.
+models of about the same total size. Held-out test bits per byte of each model is recorded next to its
+speed (the sentence run's eval stage: two-part bpb with the AR renderer, with the NAR renderer, and the
+no-code renderer alone; the flat LM: a full pass over its test split), so that
+``plot_speed_quality.py`` can draw bpb against bytes/s. Writes results/<name>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -33,6 +37,7 @@ from common import machine, save  # noqa: E402
 
 import sentcode  # noqa: E402
 from sentcode.errors import SentcodeError  # noqa: E402
+from sentcode.eval.run import evaluate_run  # noqa: E402
 from sentcode.infer.sampling import make_generator, sample_next  # noqa: E402
 
 PROMPT = ("In the year that has passed, our country has faced great trials, and it has met them. Our economy "
@@ -165,7 +170,11 @@ def main() -> None:
           "flat": params(flat.model)}
     if "renderer_nar" in sizes:
         sp["sentence_total_nar"] = sizes["encoder"] + sizes["planner"] + sizes["renderer_nar"]
-    out = save(args.name, {"rows": rows, "params": sp, "threads": torch.get_num_threads(),
+    ev = json.loads((Path(args.sentence) / "eval" / "eval.json").read_text())
+    bpb = {"sentence-ar": ev["bpb"], "sentence-nar": ev.get("nar_bpb"), "nocode-renderer": ev.get("nocode_bpb"),
+           "flat-bytes": evaluate_run(flat, split="test")["bpb"], "sentence_split": ev.get("source")}
+    print(f"test bpb: {bpb}")
+    out = save(args.name, {"rows": rows, "params": sp, "threads": torch.get_num_threads(), "bpb": bpb,
                            "sentence_run": Path(args.sentence).name, "flat_run": Path(args.flat).name})
     print(f"params: {sp}\nmachine: {machine()}\nwrote {out}")
 
