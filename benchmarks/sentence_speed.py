@@ -172,7 +172,7 @@ def main() -> None:
         sp["sentence_total_nar"] = sizes["encoder"] + sizes["planner"] + sizes["renderer_nar"]
     ev = json.loads((Path(args.sentence) / "eval" / "eval.json").read_text())
     bpb = {"sentence-ar": ev["bpb"], "sentence-nar": ev.get("nar_bpb"), "nocode-renderer": ev.get("nocode_bpb"),
-           "flat-bytes": evaluate_run(flat, split="test")["bpb"], "sentence_split": ev.get("source")}
+           "flat-bytes": evaluate_run(flat, split="test")["bpb"], "sentence_split": ev.get("split")}
     print(f"test bpb: {bpb}")
     out = save(args.name, {"rows": rows, "params": sp, "threads": torch.get_num_threads(), "bpb": bpb,
                            "sentence_run": Path(args.sentence).name, "flat_run": Path(args.flat).name})
