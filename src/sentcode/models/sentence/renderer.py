@@ -59,10 +59,13 @@ class RendererConfig:
     # How the code tables start: "random", or "centroids" (each code's RVQ centroid through a fixed random
     # projection, so codes that are close in embedding space start close; needs the codebooks at training).
     code_init: str = "random"
+    # Where the codes enter: "prefix" (one input position per level, read through attention) or "add" (the sum
+    # of the levels' vectors added to every byte position's input, so every layer's FFN sees them directly).
+    code_input: str = "prefix"
 
     @property
     def prefix_len(self) -> int:
-        return self.levels if self.use_codes else 0
+        return self.levels if (self.use_codes and self.code_input == "prefix") else 0
 
     @property
     def max_len(self) -> int:
@@ -79,6 +82,8 @@ class RendererConfig:
                 f"renderer.codebook_sizes must list {self.levels} positive integers (one per level), got {sizes!r}"
             )
         self.codebook_sizes = [int(v) for v in sizes]  # a tuple would not survive yaml.safe_dump
+        if self.code_input not in ("prefix", "add"):
+            raise ConfigError(f"renderer.code_input must be 'prefix' or 'add', got {self.code_input!r}")
         if self.code_init not in ("random", "centroids"):
             raise ConfigError(f"renderer.code_init must be 'random' or 'centroids', got {self.code_init!r}")
         if self.use_residual and not self.use_codes:
@@ -261,8 +266,15 @@ class ARRenderer(nn.Module):
 
     # ---- the trunk ---------------------------------------------------------------------------------------
 
+    def inputs(self, codes: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prefix [B, P, d], add [B, 1, d] or None): how the codes enter, per ``code_input``."""
+        cols = self.prefix(codes, residual)
+        if self.cfg.code_input == "add" and self.code_emb is not None:
+            return cols[:, :0], cols.sum(dim=1, keepdim=True)
+        return cols, None
+
     def prefix(self, codes: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """[B, P, d]: one vector per code level (the residual added to the last); P = 0 without codes."""
+        """[B, K, d]: one vector per code level (the residual added to the last); K = 0 without codes."""
         B = codes.shape[0]
         if self.code_emb is None:
             return self.embed.weight.new_zeros(B, 0, self.cfg.d_model)
@@ -291,9 +303,10 @@ class ARRenderer(nn.Module):
 
     def token_logprobs(self, batch: RenderBatch) -> torch.Tensor:
         """[B, T]: log P(tokens[:, t] | everything before it) in nats, 0 where the token is not counted."""
-        pre = self.prefix(batch.codes, batch.residual)  # [B, P, d]
+        pre, add = self.inputs(batch.codes, batch.residual)  # [B, P, d], [B, 1, d] or None
         P = pre.shape[1]
-        x = torch.cat([pre, self.embed(batch.tokens).to(pre.dtype)], dim=1)  # [B, P+T, d]
+        tok = self.embed(batch.tokens).to(pre.dtype)
+        x = torch.cat([pre, tok if add is None else tok + add], dim=1)  # [B, P+T, d]
         logits = self.trunk(x)[:, P : P + batch.tokens.shape[1] - 1]  # [B, T-1, V], predicting tokens[:, 1:]
         target = batch.tokens[:, 1:]
         lp = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]  # [B, T-1]
@@ -398,7 +411,8 @@ class ARRenderer(nn.Module):
     def _sample(self, codes, residual, head, max_bytes, temperature, top_k, top_p, generator):
         """Candidates for rows of codes [N, K] and equal-length head tokens [N, H], in one batch."""
         N, dev = head.shape[0], head.device
-        x = torch.cat([self.prefix(codes, residual), self.embed(head)], dim=1)
+        pre, add = self.inputs(codes, residual)
+        x = torch.cat([pre, self.embed(head) if add is None else self.embed(head) + add], dim=1)
         cache = self.new_cache()
         logits = self.trunk(x, cache)[:, -1]  # [N, V]
         pos = x.shape[1]
@@ -419,7 +433,8 @@ class ARRenderer(nn.Module):
             done |= live & ((tok == EOS) | full)
             if bool(done.all()):
                 break
-            logits = self.trunk(self.embed(tok)[:, None], cache, start_pos=pos)[:, -1]
+            nxt = self.embed(tok)[:, None]
+            logits = self.trunk(nxt if add is None else nxt + add, cache, start_pos=pos)[:, -1]
             pos += 1
         return [(bytes(o), float(v)) for o, v in zip(out, logprob.tolist())]
 
