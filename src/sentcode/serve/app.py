@@ -199,6 +199,12 @@ def sse(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
+def sse_failure(item) -> str:
+    """The error event that ends a stream whose request failed after its first chunk was sent."""
+    return sse(error_body(item.message, "server_error" if item.status >= 500 else "invalid_request_error",
+                          item.param, item.code))
+
+
 # ---- state shared by the routes ------------------------------------------------------------------------------
 
 
@@ -654,8 +660,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                     if item is None:
                         item = await channel.get()
                     if isinstance(item, Failed):
-                        yield sse(error_body(item.message, "server_error" if item.status >= 500 else
-                                             "invalid_request_error", item.param, item.code))
+                        yield sse_failure(item)
                         break
                     if isinstance(item, Piece):
                         lp = None if body.logprobs is None else _completion_logprobs(item.tokens, offsets[item.index])
@@ -717,8 +722,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                     if item is None:
                         item = await channel.get()
                     if isinstance(item, Failed):
-                        yield sse(error_body(item.message, "server_error" if item.status >= 500 else
-                                             "invalid_request_error", item.param, item.code))
+                        yield sse_failure(item)
                         break
                     if isinstance(item, Piece):
                         lp = {"content": _chat_logprobs(item.tokens)} if body.logprobs else None
