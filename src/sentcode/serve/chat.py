@@ -19,6 +19,7 @@ the line; Ctrl+D (or ``/quit``) exits with status 0.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from typing import TextIO
 
@@ -182,6 +183,10 @@ def run_chat(run_dir, temperature: float = 0.8, max_len: int | None = None, top_
     from sentcode.infer.sampling import check_sampling
 
     check_sampling(temperature, top_k, top_p)
+    # Ctrl+C must stop a reply even when the chat was started from a context that ignores SIGINT (a process
+    # started in the background by a non-interactive shell inherits SIG_IGN, and Python then installs no
+    # KeyboardInterrupt handler of its own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import readline  # noqa: F401  line editing and input history for input(), where the platform has it
     except ImportError:
