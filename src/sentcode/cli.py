@@ -201,7 +201,7 @@ runs, when sampling). Needs pip install 'sentcode[lmeval]'.""")
                       help="flat LM training budget in minutes (default 2 side by side, 3 with --flat-only)")
     demo.add_argument("--flat-only", action="store_true", help="only the flat byte LM (about 4 minutes), with samples")
     demo.add_argument("--sentence", action="store_true",
-                      help="instead: build the tiny sentence-step LM pipeline (~12 min), evaluate it and sample")
+                      help="instead: build the tiny sentence-step LM pipeline (~13 min), evaluate it and sample")
 
     srv = sub.add_parser("serve", help="serve a trained run over HTTP (OpenAI-style API; extra 'serve')",
                          description="Serve RUN_DIR over HTTP: POST /generate (the seeds' bodies), /v1/completions, "

