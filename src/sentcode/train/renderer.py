@@ -73,6 +73,21 @@ def contexts_of(sentences: Sequence[bytes], n: int) -> list[bytes]:
     return out
 
 
+def check_array(x, shape, dtype, what, required=False):
+    """A per-document array of a training corpus as ``dtype``: None when absent (an error when ``required``),
+    a one-line DataError for a wrong shape or non-integer codes. Shared by the AR and NAR renderers' corpora."""
+    if x is None:
+        if required:
+            raise DataError(f"{what} are missing")
+        return None
+    a = np.asarray(x)
+    if a.shape != shape:
+        raise DataError(f"{what} must have shape {shape}, got {a.shape}")
+    if dtype is np.int64 and a.size and not np.issubdtype(a.dtype, np.integer):
+        raise DataError(f"{what} must be integers, got {a.dtype}")
+    return a.astype(dtype)
+
+
 class _Examples:
     """Documents flattened to per-sentence arrays, checked against the renderer's configuration."""
 
@@ -94,14 +109,14 @@ class _Examples:
             self.truncated += sum(len(b) > cfg.max_sentence_bytes for b in full)
             self.sentences += [b[: cfg.max_sentence_bytes] for b in full]
             doc_of += [d] * n
-            c = self._array(doc.codes, (n, K), np.int64, f"{what} document {d} codes", required=cfg.use_codes)
+            c = check_array(doc.codes, (n, K), np.int64, f"{what} document {d} codes", required=cfg.use_codes)
             codes.append(c if c is not None else np.zeros((n, K), np.int64))
-            r = self._array(doc.residual, (n, E), np.float32, f"{what} document {d} residual", required=cfg.use_residual)
+            r = check_array(doc.residual, (n, E), np.float32, f"{what} document {d} residual", required=cfg.use_residual)
             res.append(r if r is not None else np.zeros((n, E), np.float32))
-            p = self._array(doc.predicted_codes, (n, K), np.int64, f"{what} document {d} predicted_codes")
+            p = check_array(doc.predicted_codes, (n, K), np.int64, f"{what} document {d} predicted_codes")
             pcodes.append(p if p is not None else codes[-1])
             has_pred.append(np.full(n, p is not None))
-            pr = self._array(doc.predicted_residual, (n, E), np.float32, f"{what} document {d} predicted_residual")
+            pr = check_array(doc.predicted_residual, (n, E), np.float32, f"{what} document {d} predicted_residual")
             pres.append(pr if pr is not None else res[-1])
         cat = lambda xs, shape, dt: np.concatenate(xs) if xs else np.zeros(shape, dt)
         self.codes = cat(codes, (0, K), np.int64)  # [N, K]
@@ -119,19 +134,6 @@ class _Examples:
         # Mean input length (prefix, SEP, context, BOS, sentence, EOS): the "tokens" of a batch row.
         self.mean_len = (float(np.mean([len(c) + len(s) for c, s in zip(self.contexts, self.sentences)]))
                          + cfg.prefix_len + 3) if self.sentences else 1.0
-
-    @staticmethod
-    def _array(x, shape, dtype, what, required=False):
-        if x is None:
-            if required:
-                raise DataError(f"{what} are missing")
-            return None
-        a = np.asarray(x)
-        if a.shape != shape:
-            raise DataError(f"{what} must have shape {shape}, got {a.shape}")
-        if dtype is np.int64 and a.size and not np.issubdtype(a.dtype, np.integer):
-            raise DataError(f"{what} must be integers, got {a.dtype}")
-        return a.astype(dtype)
 
     def __len__(self) -> int:
         return len(self.sentences)

@@ -48,6 +48,7 @@ from sentcode.models.sentence.renderer_nar import (
 )
 from sentcode.nn import rope_cos_sin
 from sentcode.train.loop import TrainTask
+from sentcode.train.renderer import check_array
 from sentcode.train.runinfo import write_run_files
 from sentcode.train.runs import check_resume, load_weights, read_run_config, train_and_export
 
@@ -239,8 +240,8 @@ class _Examples:
                 self.contexts.append(ctx[-cfg.context_bytes:] if cfg.context_bytes else b"")
                 ctx = (ctx + b" " + s if i else s)[-max(cfg.context_bytes, 1):]
             self.sentences += full
-            codes.append(self._array(_field(doc, "codes"), (n, K), np.int64, f"{what} document {d} codes", True))
-            r = self._array(_field(doc, "residual"), (n, E), np.float32, f"{what} document {d} residual", cfg.use_residual)
+            codes.append(check_array(_field(doc, "codes"), (n, K), np.int64, f"{what} document {d} codes", True))
+            r = check_array(_field(doc, "residual"), (n, E), np.float32, f"{what} document {d} residual", cfg.use_residual)
             res.append(r if r is not None else np.zeros((n, E), np.float32))
         self.codes = np.concatenate(codes) if codes else np.zeros((0, K), np.int64)  # [N, K]
         self.residual = np.concatenate(res) if res else np.zeros((0, E), np.float32)  # [N, d_emb]
@@ -250,19 +251,6 @@ class _Examples:
         self.cfg = cfg
         self.too_long = sum(len(s) > cfg.max_bytes for s in self.sentences)
         self.mean_len = float(np.mean([min(len(s), cfg.max_bytes) + 1 for s in self.sentences])) if self.sentences else 1.0
-
-    @staticmethod
-    def _array(x, shape, dtype, what, required):
-        if x is None:
-            if required:
-                raise DataError(f"{what} are missing")
-            return None
-        a = np.asarray(x)
-        if a.shape != shape:
-            raise DataError(f"{what} must have shape {shape}, got {a.shape}")
-        if dtype is np.int64 and a.size and not np.issubdtype(a.dtype, np.integer):
-            raise DataError(f"{what} must be integers, got {a.dtype}")
-        return a.astype(dtype)
 
     def __len__(self) -> int:
         return len(self.sentences)
