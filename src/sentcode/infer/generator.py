@@ -166,6 +166,12 @@ def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None):
         from sentcode.infer.sentence import load_sentence
 
         return load_sentence(run_dir, device=device, renderer=renderer or "ar")
+    if family == "steplm":  # an end-to-end sentence-step LM
+        from sentcode.infer.steplm import load_steplm
+
+        if renderer not in (None, "ar"):
+            raise SentcodeError("this end-to-end sentence-step run has no NAR renderer; use the AR renderer")
+        return load_steplm(run_dir, device=device)
     if family != "lm":
         raise SentcodeError(f"{run_dir} holds a {family!r} model, which this version cannot load")
     if renderer is not None:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from sentcode.config import ModelConfig
 from sentcode.nn import CausalSelfAttention, DualFFN, LayerCache, RMSNorm, SwiGLU, rope_cos_sin
+from sentcode.nn.init import init_weights
 
 
 class Block(nn.Module):
@@ -37,18 +38,7 @@ class LM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.apply(self._init)
-        # GPT-2 style: shrink the residual-branch outputs with depth
-        for name, p in self.named_parameters():
-            if name.endswith("wo.weight") or name.endswith("w_down.weight"):
-                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layer) ** 0.5)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
+        init_weights(self, cfg.n_layer)
 
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.blocks]

@@ -39,6 +39,30 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return allowed
 
 
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal sliding-window attention in blocks: each query sees itself and the ``window - 1`` keys before it.
+
+    q, k, v: [B, H, T, D] (kv heads already expanded). Queries are cut into blocks of ``window``; a block
+    attends to itself and the block before it, so the work is O(T * 2 * window) instead of O(T^2) and no
+    [T, T] mask is ever built (a 4,096-byte row would need 16M mask entries per layer).
+    """
+    B, H, T, D = q.shape
+    W = window
+    pad = (-T) % W
+    if pad:  # padded keys sit after every real query, so the causal mask never lets a real query see them
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    n = (T + pad) // W
+    qb, kb, vb = (t.reshape(B, H, n, W, D) for t in (q, k, v))
+    kk = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :n], kb], dim=3)  # [B, H, n, 2W, D]: previous block, this one
+    vv = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :n], vb], dim=3)
+    rel = torch.arange(W, device=q.device)[:, None] + W - torch.arange(2 * W, device=q.device)[None, :]
+    allowed = (rel >= 0) & (rel < W)  # [W, 2W]
+    mask = allowed.expand(n, W, 2 * W).clone()
+    mask[0, :, :W] = False  # block 0 has no previous block
+    y = F.scaled_dot_product_attention(qb, kk, vv, attn_mask=mask)
+    return y.reshape(B, H, n * W, D)[:, :, :T]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, pos: str = "rope", window: int | None = None,
                  causal: bool = True):
@@ -77,6 +101,12 @@ class CausalSelfAttention(nn.Module):
         k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, hd]
         if self.pos == "rope":
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if (cache is None and pad_mask is None and self.causal and self.pos == "rope" and self.window is not None
+                and T > 2 * self.window):
+            rep = self.n_head // self.n_kv_head
+            kx, vx = (k, v) if rep == 1 else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+            y = local_attention(q, kx, vx, self.window)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             if cache.k is not None:
                 k = torch.cat([cache.k, k], dim=2)

@@ -1,0 +1,138 @@
+"""The end-to-end sentence-step LM against the flat byte LM: equal parameters, equal training wall-clock, both
+trained at once (one thread each, side by side), then test bits per byte on the same bytes and batch-1
+generation speed (both with their KV caches, 2 threads, one after the other, median of 3 after a warm-up).
+
+    python benchmarks/steplm_vs_flat.py --minutes 5 [--set model.levels=4 ...] [--name NAME]
+
+Writes benchmarks/results/NAME.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save  # noqa: E402
+
+PROMPT = "The state of the Union is strong. We have"
+
+
+def train_flat(work: Path, corpus: str, minutes: float, precision: str, extra: list[str]) -> None:
+    from sentcode.data import prepare_data
+    from sentcode.train.lm import train_lm
+
+    data = work / "data-bytes"
+    if not (data / "meta.json").exists():
+        prepare_data(corpus, data, tokenizer="bytes")
+    train_lm(data, work / "flat", preset="tiny", progress="plain",
+             overrides=[f"train.time_budget_s={minutes * 60}", "train.max_steps=1000000", "train.eval_every=0",
+                        "train.final_eval=false", "train.save_every=0", f"train.precision={precision}", *extra])
+
+
+def train_step(work: Path, corpus: str, minutes: float, precision: str, preset: str, extra: list[str]) -> None:
+    from sentcode.train.steplm import train_steplm
+
+    train_steplm(corpus, work / "steplm", preset=preset, progress="plain",
+                 overrides=[f"train.time_budget_s={minutes * 60}", "train.max_steps=1000000", "train.eval_every=0",
+                            "train.final_eval=false", "train.save_every=0", f"train.precision={precision}", *extra])
+
+
+def speed(fn, runs: int = 3) -> float:
+    fn(100)  # warm-up
+    rates = []
+    for seed in range(runs):
+        t = time.perf_counter()
+        n = len(fn(seed).encode())
+        rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--corpus", default="sotu")
+    ap.add_argument("--preset", default="sentence-tiny")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", help="steplm config override")
+    ap.add_argument("--flat-set", action="append", default=[], help="flat LM config override")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--work", default="benchmarks/work/steplm_vs_flat")
+    ap.add_argument("--name", default="steplm_vs_flat")
+    ap.add_argument("--role", choices=["flat", "steplm"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = Path(args.work)
+    if args.role == "flat":
+        return train_flat(work, args.corpus, args.minutes, args.precision, args.flat_set)
+    if args.role == "steplm":
+        return train_step(work, args.corpus, args.minutes, args.precision, args.preset, args.overrides)
+
+    import shutil
+
+    for d in ("flat", "steplm"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    base = [sys.executable, __file__, "--minutes", str(args.minutes), "--corpus", args.corpus, "--preset", args.preset,
+            "--precision", args.precision, "--work", str(work)]
+    base += [x for o in args.overrides for x in ("--set", o)] + [x for o in args.flat_set for x in ("--flat-set", o)]
+    if not (work / "data-bytes" / "meta.json").exists():  # prepare once, before the clocks start
+        subprocess.run(base + ["--role", "flat", "--minutes", "0.001"], env=env, check=True)
+        shutil.rmtree(work / "flat", ignore_errors=True)
+    t0 = time.time()
+    procs = [subprocess.Popen(base + ["--role", r], env=env,
+                              stdout=open(work / f"{r}.log", "w"), stderr=subprocess.STDOUT) for r in ("flat", "steplm")]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"training failed ({codes}); see {work}/flat.log and {work}/steplm.log")
+    wall = time.time() - t0
+
+    import torch
+
+    import sentcode
+    from sentcode.eval.run import evaluate_run
+
+    torch.set_num_threads(2)
+    flat = sentcode.load(work / "flat")
+    flat_eval = evaluate_run(flat, split="test")
+    step = sentcode.load(work / "steplm")
+    step_eval = json.loads((work / "steplm" / "eval.json").read_text())
+    flat_summary = json.loads((work / "flat" / "train_summary.json").read_text())
+    step_summary = json.loads((work / "steplm" / "train_summary.json").read_text())
+    rows = {
+        "flat": {"params": sum(p.numel() for p in flat.model.parameters()), "bpb": flat_eval["bpb"],
+                 "steps": flat_summary["step"], "bytes_seen": flat_summary["tokens_seen"],
+                 "bytes_s": speed(lambda s: flat.generate(PROMPT, max_bytes=400, temperature=0.8, seed=s)),
+                 "sample": flat.generate(PROMPT, max_bytes=300, temperature=0.7, seed=0)},
+        "steplm": {"params": step.model.num_params(), "bpb": step_eval["bpb"], "eval": step_eval,
+                   "steps": step_summary["step"], "positions_seen": step_summary["tokens_seen"],
+                   "bytes_s": speed(lambda s: step.generate(PROMPT, max_sentences=3, temperature=0.8, seed=s)),
+                   "sample": step.generate(PROMPT, max_sentences=2, temperature=0.7, seed=0)},
+    }
+    if step.codes:
+        rows["steplm"]["bytes_s_rerank4"] = speed(
+            lambda s: step.generate(PROMPT, max_sentences=3, temperature=0.8, seed=s, rerank=4))
+    ratio = rows["steplm"]["bpb"] / rows["flat"]["bpb"]
+    speedup = rows["steplm"]["bytes_s"] / rows["flat"]["bytes_s"]
+    out = {"command": " ".join(sys.argv), "minutes": args.minutes, "precision": args.precision,
+           "train_wall_s": wall, "overrides": args.overrides, "rows": rows, "bpb_ratio": ratio, "speedup_b1": speedup}
+    path = save(args.name, out)
+    print(f"\n{machine()}")
+    for name, r in rows.items():
+        print(f"{name:8s} params {r['params']:>10,}  test bpb {r['bpb']:.4f}  steps {r['steps']:>6}  "
+              f"bytes/s {r['bytes_s']:8.1f}")
+        print(f"         sample: {PROMPT}{r['sample']!r}")
+    if "refund_ratio" in step_eval:
+        print(f"steplm: plan {step_eval['plan_bpb']:.4f}, render oracle {step_eval['render_bpb_oracle']:.4f}, "
+              f"shuffled {step_eval['render_bpb_shuffled']:.4f}, none {step_eval['render_bpb_none']:.4f}, "
+              f"refund {step_eval['refund_ratio']:.3f}")
+    print(f"bpb ratio steplm/flat {ratio:.3f}; batch-1 speed ratio {speedup:.2f}x; results in {path}")
+
+
+if __name__ == "__main__":
+    main()

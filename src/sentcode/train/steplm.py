@@ -1,0 +1,116 @@
+"""Training the end-to-end sentence-step LM: segment data, the training task for the shared loop, the run
+directory, and the pipeline command that trains and evaluates it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from sentcode.config import _read_yaml, config_from_dict, parse_override
+from sentcode.errors import ConfigError
+from sentcode.data.segments import RowSource, SegmentSplit
+from sentcode.io import write_json
+from sentcode.models.sentence.steplm import FAMILY, StepLM, StepLMConfig
+from sentcode.train import checkpoint as ckpt_io
+from sentcode.train.loop import TrainTask
+from sentcode.train.runinfo import write_run_files
+from sentcode.train.runs import check_resume, train_and_export
+
+SPLITS = ("train", "val", "test")
+
+
+def load_steplm_config(preset: str = "sentence-tiny", overrides: list[str] | None = None) -> StepLMConfig:
+    data = _read_yaml(preset)
+    if data.get("family") != FAMILY:
+        raise ConfigError(f"preset {preset!r} is not an end-to-end sentence-step preset (family {data.get('family')!r})")
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(data, cls=StepLMConfig)
+
+
+def prepare_segments(corpus: str, data_dir: Path, cfg: StepLMConfig) -> dict:
+    """Split the corpus and cut it into segments, once: ``data_dir/{split}.npz`` plus ``meta.json``. A second
+    call with the same corpus, fractions and segment limit reuses them."""
+    from sentcode.corpus.segments import segment_arrays
+    from sentcode.corpus.splits import load_corpus
+
+    d = cfg.data
+    key = {"corpus": corpus, "val_frac": d.val_frac, "test_frac": d.test_frac,
+           "max_segment_bytes": cfg.model.max_segment_bytes, "version": 1}
+    meta_path = data_dir / "meta.json"
+    if meta_path.is_file() and all((data_dir / f"{s}.npz").is_file() for s in SPLITS):
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return meta
+    splits = load_corpus(corpus, val_frac=d.val_frac, test_frac=d.test_frac)
+    meta = {"key": key, "splits": {}}
+    for name in SPLITS:
+        arrays = segment_arrays([doc.text for doc in splits[name]], cfg.model.max_segment_bytes)
+        split = SegmentSplit(arrays["bytes"], arrays["seg_start"], arrays["doc_seg"])
+        split.save(data_dir / f"{name}.npz")
+        meta["splits"][name] = {"documents": split.n_docs, "segments": split.n_segments, "bytes": int(split.bytes.size),
+                                "sha256": hashlib.sha256(split.bytes.tobytes()).hexdigest()}
+    write_json(meta_path, meta)
+    return meta
+
+
+def steplm_loss(model, batch) -> torch.Tensor:
+    """The two-part code length per predicted symbol (nats), plus the quantizer's commitment term."""
+    x, y, seg, n_seg = batch
+    raw = ckpt_io.unwrap(model)
+    drop = None
+    if raw.cfg.levels and raw.cfg.code_dropout > 0:
+        drop = torch.rand(x.shape[0], n_seg, device=x.device) < raw.cfg.code_dropout
+    out = model(x, y, seg, n_seg, drop=drop)
+    return (out["render_nats"] + out["plan_nats"]) / out["symbols"].clamp(min=1) + out["commit"]
+
+
+def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device) -> TrainTask:
+    from sentcode.eval.steplm import evaluate_segments
+
+    model = StepLM(cfg.model)
+    t = cfg.train
+    rows = RowSource(SegmentSplit.load(data_dir / "train.npz"), t.seq_len, t.micro_batch, cfg.model.max_segments,
+                     t.seed, device, rank=dist_info.rank)
+    val = SegmentSplit.load(data_dir / "val.npz")
+
+    def evaluate(m, max_tokens):
+        return evaluate_segments(m, val, device, max_bytes=max_tokens)
+
+    return TrainTask(model=model, batches=rows, loss=steplm_loss, evaluate=evaluate,
+                     tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token())
+
+
+def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny", overrides: list[str] | None = None,
+                 resume: str | None = None, device: str = "auto", progress: bool | str = True,
+                 stop_at: int | None = None, evaluate_test: bool = True) -> dict:
+    """Train (or resume) an end-to-end sentence-step LM into ``run_dir`` and evaluate it on the test split
+    (``run_dir/eval.json``). Returns the loop's summary plus ``eval``."""
+    run_dir = Path(run_dir)
+    cfg = load_steplm_config(preset, list(overrides or []) + [f"data.corpus={corpus}"])
+    resume_path = check_resume(run_dir, resume, cfg.to_dict())
+    meta = prepare_segments(corpus, run_dir / "data", cfg)
+    write_run_files(run_dir, cfg, corpus=corpus, segments=meta["splits"])
+    summary = train_and_export(run_dir, cfg, lambda info, dev: build_steplm_task(cfg, run_dir / "data", info, dev),
+                               "model.safetensors", resume=resume_path, device=device, progress=progress,
+                               stop_at=stop_at)
+    if summary["status"] == "completed" and evaluate_test:
+        from sentcode.eval.steplm import evaluate_segments
+        from sentcode.infer.steplm import load_steplm
+
+        g = load_steplm(run_dir)
+        result = {"family": FAMILY, "source": f"test split of {corpus}",
+                  **evaluate_segments(g.model, SegmentSplit.load(run_dir / "data" / "test.npz"), g.device)}
+        write_json(run_dir / "eval.json", result)
+        summary["eval"] = result
+    return summary
+
