@@ -94,7 +94,7 @@ def sentence_run(tmp_path_factory) -> Path:
     from sentcode.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("sentence") / "run"
-    run_pipeline("sample", out, preset="sentence-tiny", overrides=MICRO, progress=False)
+    run_pipeline("sample", out, preset="staged-tiny", overrides=MICRO, progress=False)
     return out
 
 

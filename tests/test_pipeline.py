@@ -27,7 +27,7 @@ PROMPT = "The state of the Union is strong. We must keep it so."
 
 
 def run(out, **kw):
-    return run_pipeline("sample", out, preset="sentence-tiny", overrides=MICRO, progress=False, **kw)
+    return run_pipeline("sample", out, preset="staged-tiny", overrides=MICRO, progress=False, **kw)
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -87,7 +87,7 @@ def test_from_planner_redoes_planner_and_later_only(copy):
 
 
 def test_config_change_redoes_only_dependent_stages(copy):
-    out = run_pipeline("sample", copy, preset="sentence-tiny", overrides=MICRO + ["rvq.iters=2"], progress=False)
+    out = run_pipeline("sample", copy, preset="staged-tiny", overrides=MICRO + ["rvq.iters=2"], progress=False)
     # The no-code renderer reads sentences only, so a new quantizer leaves it alone.
     assert out["ran"] == ["rvq", "planner", "renderer", "eval"]
     assert "renderer-nocode" in out["skipped"]
@@ -297,7 +297,7 @@ def test_optional_nar_stage(copy):
 
     if nar_module() is None:
         pytest.skip("sentcode.train.renderer_nar is not available")
-    r = run_pipeline("sample", copy, preset="sentence-tiny", overrides=MICRO + NAR, progress=False)
+    r = run_pipeline("sample", copy, preset="staged-tiny", overrides=MICRO + NAR, progress=False)
     assert r["ran"] == ["renderer-nar", "eval"]  # the evaluation reads the NAR renderer too
     rec = json.loads((stage_dir(copy, "renderer-nar") / "stage.json").read_text())
     assert rec["output"]["status"] == "completed" and (stage_dir(copy, "renderer-nar") / "reward-encoder").is_dir()

@@ -52,7 +52,11 @@ def _add_sentence_commands(sub) -> None:
         "that stage and every later one. Ctrl+C stops; the interrupted stage is redone next time.")
     ps.add_argument("--corpus", nargs="+", default=["sotu"], metavar="SPEC",
                     help="sotu (default), sample, a file, a folder, a .jsonl, a corpus .yaml, or hf:NAME[:CONFIG][:SPLIT]")
-    ps.add_argument("--preset", default="sentence-tiny", help="sentence-tiny (default), sentence-small, or a CONFIG.yaml")
+    ps.add_argument("--preset", default="sentence-tiny",
+                    help="sentence-tiny (default) or sentence-small: the end-to-end model, one training run; "
+                         "staged-tiny or staged-small: the seeds' staged recipe; or a CONFIG.yaml")
+    ps.add_argument("--resume", default=None, metavar="auto|PATH",
+                    help="end-to-end presets: continue an interrupted training run (staged presets cache their stages)")
     ps.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
     ps.add_argument("--from", dest="from_stage", choices=STAGES, default=None, metavar="STAGE",
                     help="redo this stage and all later ones (" + ", ".join(STAGES) + ")")
@@ -242,6 +246,10 @@ def _dispatch_sentence(args) -> int:
 
     if args.command == "pipeline":
         corpus = args.corpus if len(args.corpus) > 1 else args.corpus[0]
+        if _preset_family(args.preset) == "steplm":
+            return _train_steplm(args, corpus)
+        if args.resume is not None:
+            raise SentcodeError("--resume applies to the end-to-end presets; a staged pipeline skips finished stages itself")
         r = pipe.run_pipeline(corpus, args.out, preset=args.preset, overrides=args.overrides,
                               from_stage=args.from_stage, until=args.until, progress=_progress(args), device=args.device)
         times = ", ".join(f"{k} {v:.0f}s" for k, v in r["seconds"].items() if v is not None)
@@ -277,22 +285,48 @@ def _dispatch_sentence(args) -> int:
     return 0
 
 
+def _preset_family(preset: str) -> str | None:
+    from sentcode.config import _read_yaml
+
+    return _read_yaml(preset).get("family")
+
+
+def _train_steplm(args, corpus) -> int:
+    from sentcode.eval.steplm import format_steplm_result
+    from sentcode.train.steplm import train_steplm
+
+    if args.from_stage is not None or args.until is not None:
+        raise SentcodeError("--from and --until apply to the staged presets; an end-to-end preset is one training run")
+    if not isinstance(corpus, str):
+        raise SentcodeError("an end-to-end preset takes one --corpus SPEC (a corpus .yaml can combine several)")
+    s = train_steplm(corpus, args.out, preset=args.preset, overrides=args.overrides, resume=args.resume,
+                     device=args.device, progress=_progress(args))
+    if s["status"] != "completed":
+        return 130
+    print(f"trained {s['step']} steps in {s['train_elapsed']:.0f}s")
+    if s.get("eval"):
+        print(format_steplm_result(s["eval"]))
+    print(f"run directory {args.out}")
+    return 0
+
+
 def _generate_sentence(g, args) -> int:
     if args.stop is not None or args.no_cache:
         raise SentcodeError("--stop and --no-cache apply to flat LM runs, not sentence pipeline runs")
-    rerank = 1 if args.no_rerank else (4 if args.rerank is None else args.rerank)
+    rerank = 1 if args.no_rerank else args.rerank
     max_sentences = 3 if args.max_sentences is None else args.max_sentences
     kw = dict(max_sentences=max_sentences, rerank=rerank, temperature=args.temperature, seed=args.seed,
               top_k=args.top_k, top_p=args.top_p)
     pieces = g.stream(args.prompt, **kw)  # checked before anything is printed
+    sep = g.separator
     sys.stdout.write(args.prompt)
     if args.stream:
         for piece in pieces:
-            sys.stdout.write(" " + piece)
+            sys.stdout.write(sep + piece)
             sys.stdout.flush()
     else:
-        text = " ".join(pieces)
-        sys.stdout.write(" " + text if text else "")
+        text = sep.join(pieces)
+        sys.stdout.write(sep + text if text else "")
     sys.stdout.write("\n")
     return 0
 
@@ -346,7 +380,7 @@ def _dispatch(args) -> int:
         import sentcode
 
         g = sentcode.load(args.run_dir, renderer=args.renderer)
-        if getattr(g, "family", "lm") == "sentence":
+        if getattr(g, "family", "lm") != "lm":
             return _generate_sentence(g, args)
         if args.max_sentences is not None or args.rerank is not None or args.no_rerank or args.stream:
             raise SentcodeError("--max-sentences, --rerank, --no-rerank and --stream apply to sentence pipeline runs; "

@@ -35,6 +35,8 @@ def evaluate_run(gen, text_file: str | Path | None = None, split: str = "test", 
     """
     if getattr(gen, "family", "lm") == "sentence":
         return _evaluate_sentence(gen, text_file, split)
+    if getattr(gen, "family", "lm") == "steplm":
+        return _evaluate_steplm(gen, text_file, split)
     tok = gen.tokenizer
     if text_file is not None:
         ids = tok.encode(read_text_file(text_file))
@@ -67,7 +69,24 @@ def _evaluate_sentence(gen, text_file, split: str) -> dict:
     return evaluate_sentence_run(gen.run_dir, split=split, cfg=gen.cfg)
 
 
+def _evaluate_steplm(gen, text_file, split: str) -> dict:
+    from sentcode.data.segments import SegmentSplit
+    from sentcode.eval.steplm import evaluate_segments
+
+    if text_file is not None:
+        return {"family": "steplm", "source": str(text_file), **gen.score_details(read_text_file(text_file))}
+    cached, weights = gen.run_dir / "eval.json", gen.run_dir / "model.safetensors"
+    if split == "test" and cached.is_file() and weights.is_file() and cached.stat().st_mtime >= weights.stat().st_mtime:
+        return json.loads(cached.read_text())  # written by training from these weights
+    data = SegmentSplit.load(gen.run_dir / "data" / f"{split}.npz")
+    return {"family": "steplm", "source": f"{split} split", **evaluate_segments(gen.model, data, gen.device)}
+
+
 def format_result(result: dict) -> str:
+    if result.get("family") == "steplm":
+        from sentcode.eval.steplm import format_steplm_result
+
+        return format_steplm_result(result)
     if result.get("family") == "sentence":
         from sentcode.eval.sentence import format_sentence_result
 

@@ -58,7 +58,7 @@ _MAX_BATCH = 32
 
 
 def is_sentence(gen) -> bool:
-    return getattr(gen, "family", "lm") == "sentence"
+    return getattr(gen, "family", "lm") != "lm"
 
 
 def _check_text(value, name: str) -> str:

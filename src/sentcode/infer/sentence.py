@@ -69,6 +69,8 @@ class SentenceGenerator:
     """Generation and two-part scoring for a sentence pipeline run."""
 
     family = "sentence"
+    separator = " "  # sentences are written without their whitespace; the pipeline joins them with one space
+    default_rerank = 4
 
     def __init__(self, run_dir: Path, cfg: dict, encoder, rvq, planner, renderer, nocode=None, nar=None,
                  renderer_kind: str = "ar"):
@@ -152,8 +154,9 @@ class SentenceGenerator:
 
     # ---- the public API ------------------------------------------------------------------------------------
 
-    def _check(self, prompt, max_sentences: int, rerank: int, temperature: float, top_k, top_p) -> list[bytes]:
+    def _check(self, prompt, max_sentences: int, rerank: int | None, temperature: float, top_k, top_p) -> list[bytes]:
         check_sampling(temperature, top_k, top_p)
+        rerank = self.default_rerank if rerank is None else rerank
         if isinstance(max_sentences, bool) or not isinstance(max_sentences, int) or max_sentences < 1:
             raise SentcodeError(f"max_sentences must be >= 1, got {max_sentences!r}")
         if max_sentences > MAX_SENTENCES:
@@ -168,12 +171,13 @@ class SentenceGenerator:
         sentences = self.split(prompt)[-(self.planner.cfg.max_steps - 1) :]
         return [s.encode("utf-8", "surrogateescape") for s in sentences]
 
-    def stream(self, prompt: str | bytes, max_sentences: int = 3, rerank: int = 4, temperature: float = 0.8,
+    def stream(self, prompt: str | bytes, max_sentences: int = 3, rerank: int | None = None, temperature: float = 0.8,
                seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
         """Yield up to ``max_sentences`` generated sentences, one at a time (fewer if the renderer produces
         only empty text). Arguments are checked here, before the first sentence is asked for."""
         sentences = self._check(prompt, max_sentences, rerank, temperature, top_k, top_p)
-        return self._stream(sentences, max_sentences, max(1, rerank), temperature, seed, top_k, top_p)
+        n = self.default_rerank if rerank is None else max(1, rerank)
+        return self._stream(sentences, max_sentences, n, temperature, seed, top_k, top_p)
 
     def _stream(self, sentences, max_sentences, n, temperature, seed, top_k, top_p) -> Iterator[str]:
         from sentcode.models.sentence.renderer import tail
@@ -190,12 +194,12 @@ class SentenceGenerator:
             context = tail(context + b" " + best.data if context else best.data, width)
             yield best.text
 
-    def generate(self, prompt: str | bytes, max_sentences: int = 3, rerank: int = 4, temperature: float = 0.8,
+    def generate(self, prompt: str | bytes, max_sentences: int = 3, rerank: int | None = None, temperature: float = 0.8,
                  seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> str:
         """The generated sentences joined by single spaces (the continuation only, not the prompt)."""
         return " ".join(self.stream(prompt, max_sentences, rerank, temperature, seed, top_k, top_p))
 
-    def generate_batch(self, prompts: list[str | bytes], max_sentences: int = 3, rerank: int = 4,
+    def generate_batch(self, prompts: list[str | bytes], max_sentences: int = 3, rerank: int | None = None,
                        temperature: float = 0.8, seed: int | None = None, top_k: int | None = None,
                        top_p: float | None = None) -> list[str]:
         """``generate`` for several prompts at once, stepping them together.
@@ -209,7 +213,7 @@ class SentenceGenerator:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise SentcodeError("prompts must be a non-empty list")
         docs = [self._check(p, max_sentences, rerank, temperature, top_k, top_p) for p in prompts]
-        n = max(1, rerank)
+        n = self.default_rerank if rerank is None else max(1, rerank)
         gen = make_generator(seed, self.renderer.device)
         width = self.renderer.cfg.context_bytes if self.renderer_kind == "ar" else self.nar.cfg.context_bytes
         hist = [self.codes_of(d) for d in docs]

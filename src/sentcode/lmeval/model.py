@@ -38,7 +38,7 @@ def _progress(items, disable: bool, desc: str):
 
 
 def generate_text(gen, context: str, until: list[str], max_len: int, temperature: float = 0.0,
-                  seed: int = 0, rerank: int = 4) -> str:
+                  seed: int = 0, rerank: int | None = None) -> str:
     """A continuation of ``context``, cut before the first stop string in ``until``; see the module docstring
     for what ``max_len`` counts."""
     from sentcode.infer.scoring import is_sentence
@@ -50,7 +50,7 @@ def generate_text(gen, context: str, until: list[str], max_len: int, temperature
         pieces = gen.stream(context, max_sentences=64, rerank=rerank if temperature > 0 else 1,
                             temperature=temperature, seed=seed)
         for sentence in pieces:
-            text += " " + sentence
+            text += getattr(gen, "separator", " ") + sentence
             text, stopped = _cut(text, until)
             if stopped or len(text.encode("utf-8")) >= max_len:
                 break
@@ -96,7 +96,7 @@ def _pick_device(device: str | None) -> str:
 class SentcodeLM(LM):
     """lm-eval's view of a sentcode run directory (flat LM or sentence-step LM)."""
 
-    def __init__(self, run: str | None = None, device: str | None = None, rerank: int | str = 4,
+    def __init__(self, run: str | None = None, device: str | None = None, rerank: int | str | None = None,
                  batch_size=None, max_batch_size=None, **unknown):
         super().__init__()
         import sentcode
@@ -107,7 +107,7 @@ class SentcodeLM(LM):
         if not run:
             raise SentcodeError("the sentcode model needs --model_args run=RUN_DIR")
         self.run = str(run)
-        self.rerank = int(rerank)
+        self.rerank = None if rerank is None else int(rerank)
         self._device = _pick_device(device)
         # lm-eval's batch_size is accepted for compatibility; scoring batches requests by length itself.
         self.gen = sentcode.load(self.run, device=self._device)

@@ -10,7 +10,7 @@ A stage is skipped when its ``input_hash`` matches: a hash of the stage's own co
 bit-reproducible, so downstream stages key on what an upstream stage actually produced (its output hash),
 not only on how it was configured. ``from_stage`` redoes that stage and every later one.
 
-The pipeline config is a YAML preset (``sentence-tiny``, ``sentence-small`` or a file) with sections
+The pipeline config is a YAML preset (``staged-tiny``, ``staged-small`` or a file) with sections
 ``corpus``, ``sentences``, ``encoder``, ``embed``, ``rvq``, ``planner``, ``renderer``, ``renderer_nar``,
 ``eval`` and ``budgets``; ``--set section.key=value`` overrides it (``encoder.model.d_model=64``,
 ``budgets.renderer.max_steps=100``). Settings that must agree between stages (the planner's and the
@@ -216,7 +216,7 @@ def validate_pipeline_config(cfg: dict) -> dict:
     return cfg
 
 
-def load_pipeline_config(preset: str = "sentence-tiny", overrides: list[str] | None = None) -> dict:
+def load_pipeline_config(preset: str = "staged-tiny", overrides: list[str] | None = None) -> dict:
     """The resolved, validated pipeline config (a plain dict) of a preset name or YAML file plus overrides."""
     data = _read_yaml(preset)
     _apply_overrides(data, list(overrides or []))
@@ -769,13 +769,13 @@ def _write_run_header(run_dir: Path, cfg: dict) -> None:
                                       **_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def run_pipeline(corpus="sotu", out="runs/sentence", preset: str = "sentence-tiny", overrides: list[str] | None = None,
+def run_pipeline(corpus="sotu", out="runs/sentence", preset: str = "staged-tiny", overrides: list[str] | None = None,
                  from_stage: str | None = None, progress: bool | str = True, until: str | None = None,
                  device: str = "auto") -> dict:
     """Build (or bring up to date) a sentence-step LM run directory; returns what ran, what was skipped,
     each stage's seconds and the evaluation (when the eval stage is reached).
 
-    ``preset``: ``sentence-tiny``, ``sentence-small`` or a YAML file; ``overrides``: ``section.key=value``;
+    ``preset``: ``staged-tiny``, ``staged-small`` or a YAML file; ``overrides``: ``section.key=value``;
     ``from_stage``: redo that stage and every later one; ``until``: stop after that stage.
     """
     run_dir = Path(out)
@@ -785,7 +785,7 @@ def run_pipeline(corpus="sotu", out="runs/sentence", preset: str = "sentence-tin
     data = _read_yaml(preset)
     if data.get("family") != FAMILY:
         raise ConfigError(f"preset {preset!r} is not a sentence pipeline preset (family {data.get('family')!r}); "
-                          "use sentence-tiny, sentence-small or a file with family: sentence")
+                          "use staged-tiny, staged-small or a file with family: sentence")
     data.setdefault("corpus", {})["spec"] = corpus
     _apply_overrides(data, list(overrides or []))
     cfg = validate_pipeline_config(data)

@@ -316,7 +316,7 @@ class State:
         return Prompt(text, data, ids, lead, len(rest) + lead)
 
     def generation_job(self, channel: Channel, prompt: "Prompt", n: int, *, temperature: float, top_p, top_k, seed,
-                       stops=(), logprobs: int | None = None, sentences: int | None = None, rerank: int = 4,
+                       stops=(), logprobs: int | None = None, sentences: int | None = None, rerank: int | None = None,
                        sep_first: bool = True, index: int = 0):
         if self.family == "lm":
             req = BatchRequest(prompt.ids, n, temperature=temperature, top_k=top_k or None,
@@ -544,7 +544,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
         prompt = st.prompt(body.prompt)
         sample = body.sample if body.sample is not None else bool(p and p.do_sample)
         temperature = next((t for t in (body.temperature, p and p.temperature, p and p.temp) if t is not None), 1.0)
-        rerank = 4 if p is None or p.rerank is None or p.rerank is True else (1 if p.rerank is False else p.rerank)
+        rerank = None if p is None or p.rerank is None or p.rerank is True else (1 if p.rerank is False else p.rerank)
         if p is not None and p.n_cand is not None and (p.rerank is None or p.rerank is True):
             rerank = p.n_cand
         seed = p.seed if p else None
@@ -572,7 +572,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                     "usage": _usage(done.prompt_tokens, done.completion_tokens),
                     "meta": {"family": st.family, "max_sentences": n, "sample": sample,
                              "temperature": temperature if sample else 0.0, "seed": seed,
-                             "rerank": rerank if st.family == "sentence" else None}}
+                             "rerank": (rerank if rerank is not None else st.gen.default_rerank) if st.family != "lm" else None}}
 
         return await run(go, request)
 

@@ -57,7 +57,7 @@ class Chat:
     def __init__(self, gen, temperature: float = 0.8, max_len: int | None = None, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, out: TextIO | None = None):
         self.gen = gen
-        self.sentence = getattr(gen, "family", "lm") == "sentence"
+        self.sentence = getattr(gen, "family", "lm") != "lm"
         self.temperature = temperature
         self.max_len = max_len if max_len is not None else (3 if self.sentence else 200)
         self.top_k, self.top_p, self.seed = top_k, top_p, seed

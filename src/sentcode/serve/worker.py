@@ -276,7 +276,8 @@ class SentenceJob(Job):
             for sentence in gen.stream(self.prompt, **self.kwargs):
                 if self.cancelled.is_set():
                     return
-                self.text.feed_text((" " if n or self.sep_first else "") + sentence)
+                sep = getattr(gen, "separator", " ")
+                self.text.feed_text((sep if n or self.sep_first else "") + sentence)
                 n += 1
                 piece, _ = self.text.take(final=self.text.finished)
                 if piece:
