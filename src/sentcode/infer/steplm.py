@@ -66,8 +66,8 @@ class StepLMGenerator:
         self.model = model.eval()
         self.cfg, self.run_dir = cfg, run_dir
         self.device = next(model.parameters()).device
-        self.max_bytes = cfg.model.max_segment_bytes
-        self.codes = bool(cfg.model.levels)
+        self.max_bytes = model.cfg.max_segment_bytes
+        self.codes = bool(model.cfg.levels)
         self.default_rerank = 4 if self.codes else 1
 
     # ---- pieces -----------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class StepLMGenerator:
         """(e [1, d_plan], pooled [1, enc_d]) of a segment; ``written``: its ids are the newest in the stream."""
         x, _, seg = build_row([segment])
         before = state.stream[:len(state.stream) - len(x)] if written else state.stream
-        ctx = before[-self.cfg.model.window:]
+        ctx = before[-self.model.cfg.window:]
         ids = torch.tensor([ctx + x.tolist()], device=self.device)
         seg_ids = torch.tensor([[-1] * len(ctx) + seg.tolist()], device=self.device)
         e, pooled = self.model.encode_stream(ids, seg_ids, 1)
@@ -131,8 +131,8 @@ class StepLMGenerator:
         x = torch.tensor([ids], device=self.device)
         logits = self.model.render(x, state.cond.expand(1, len(ids), -1), state.render_pos, state.render_cache)
         state.render_pos += len(ids)
-        trim_cache(state.render_cache, self.cfg.model.window)
-        state.stream = (state.stream + ids)[-(self.cfg.model.window + self.max_bytes + 1):]
+        trim_cache(state.render_cache, self.model.cfg.window)
+        state.stream = (state.stream + ids)[-(self.model.cfg.window + self.max_bytes + 1):]
         return logits[:, -1]
 
     def _write(self, state: _State, prefix: bytes, temperature, top_k, top_p, gen) -> tuple[bytes, float]:
