@@ -315,7 +315,10 @@ def test_side_by_side_demo(tmp_path, capsys):
     test split and printed in one table with speed and a sample."""
     from sentcode.demo import run_demo
 
-    r = run_demo(tmp_path / "demo", corpus="sample", minutes=0.05, sentence_overrides=MICRO)
+    from test_steplm import MICRO as STEP_MICRO
+
+    r = run_demo(tmp_path / "demo", corpus="sample", minutes=0.05,
+                 sentence_overrides=[o for o in STEP_MICRO if not o.startswith("train.max_steps")])
     out = capsys.readouterr().out
     assert [row["model"] for row in r["table"]] == ["flat byte LM", "sentence-step LM"]
     assert r["table"][0]["bpb"] == pytest.approx(r["flat"]["bpb"]) and r["table"][1]["bpb"] == pytest.approx(r["sentence"]["bpb"])

@@ -1,5 +1,5 @@
-"""The main job: train the tiny flat byte LM and a tiny sentence-step LM on the default corpus, evaluate both
-on the held-out test split and print them side by side: bits per byte, generation speed and samples."""
+"""The main job: train the tiny flat byte LM and the tiny end-to-end sentence-step LM for the same wall-clock on
+the default corpus, evaluate both on the held-out test split and print them side by side: bits per byte, generation speed and samples."""
 
 from __future__ import annotations
 
@@ -51,12 +51,6 @@ def run_flat(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float
     return {"run": run, "generator": g, "eval": result}
 
 
-# The side-by-side demo's sentence pipeline: the tiny preset with every training budget cut to fit a few
-# minutes next to the flat LM (the full preset, ``sentcode demo --sentence``, takes about 12).
-DEMO_SENTENCE = [
-    "budgets.encoder.time_budget_s=40", "budgets.planner.time_budget_s=25", "budgets.renderer.time_budget_s=70",
-    "budgets.renderer_nocode.time_budget_s=15", "eval.agreement_contexts=10", "renderer_nar.enabled=false",
-]
 SENTENCE_PROMPTS = ("The state of the Union is strong.", "We must act now.", "Our economy is growing.")
 
 
@@ -71,56 +65,61 @@ def _speed(fn, runs: int = 3) -> float:
     return total / (time.perf_counter() - t)
 
 
-def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float = 2.0,
+def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float = 3.0,
              sentence_overrides: list[str] | None = None) -> dict:
-    """Both models, then one table: test bits per byte, batch-1 generation speed, parameters, a sample.
+    """Both models for the same training wall-clock, then one table: test bits per byte (the same bytes for
+    both), batch-1 generation speed, parameters and a sample.
 
-    ``sentence_overrides`` replace the demo's budget cuts for the sentence pipeline (tests use micro models).
+    ``sentence_overrides`` change the end-to-end sentence-step preset (tests use micro models).
     """
+    import shutil
+
     import sentcode
-    from sentcode.pipeline import run_pipeline
+    from sentcode.train.steplm import train_steplm
 
     flat = run_flat(out, corpus, minutes, samples=False)
     run = Path(out) / "sentence-demo"
-    print(f"\nbuilding a tiny sentence-step LM on {corpus} (about 4 minutes on 2 CPU cores)")
-    sent = run_pipeline(corpus, run, preset="sentence-tiny",
-                        overrides=DEMO_SENTENCE if sentence_overrides is None else sentence_overrides)
+    shutil.rmtree(run, ignore_errors=True)
+    print(f"\ntraining the tiny sentence-step LM for {minutes:g} minutes on {corpus}")
+    sent = train_steplm(corpus, run, preset="sentence-tiny",
+                        overrides=[f"train.time_budget_s={minutes * 60}", "train.max_steps=100000", "train.eval_every=0",
+                                   "train.final_eval=false", *(sentence_overrides or [])])
     g = sentcode.load(run)
     prompt = SENTENCE_PROMPTS[0]
     rows = [
         ("flat byte LM", flat["eval"]["bpb"], sum(p.numel() for p in flat["generator"].model.parameters()),
          _speed(lambda seed: flat["generator"].generate(prompt, max_bytes=240, temperature=0.7, seed=seed)),
          flat["generator"].generate(prompt, max_bytes=240, temperature=0.7, seed=0)),
-        ("sentence-step LM", sent["eval"]["bpb"],
-         sum(sum(p.numel() for p in m.parameters()) for m in (g.encoder, g.planner, g.renderer)),
+        ("sentence-step LM", sent["eval"]["bpb"], g.model.num_params(),
          _speed(lambda seed: g.generate(prompt, max_sentences=3, temperature=0.7, seed=seed)),
          g.generate(prompt, max_sentences=3, temperature=0.7, seed=0)),
     ]
     print(f"\n{'model':<18} {'test bpb':>9} {'params':>10} {'bytes/s':>9}")
     for name, bpb, n, speed, _ in rows:
         print(f"{name:<18} {bpb:>9.4f} {n:>10,} {speed:>9.1f}")
-    print("(sentence-step bpb is the two-part code length: plan bits + render bits; bytes/s at batch 1, "
-          "rerank 4 for the sentence-step LM)")
+    print("(both exact bits per byte of the test split; bytes/s at batch 1 with KV caches; the sentence-step LM "
+          "runs its 2-layer renderer per byte and its planner once per sentence)")
     for name, *_, sample in rows:
-        print(f"\n[{name}]\n> {prompt} {sample.strip()}")
+        print(f"\n[{name}]\n> {prompt}{sample}")
     print(f"\nrun directories: {flat['run']} and {run}")
     return {"flat": flat["eval"], "sentence": sent["eval"],
             "table": [{"model": r[0], "bpb": r[1], "params": r[2], "bytes_s": r[3]} for r in rows]}
 
 
 def run_sentence_demo(out: str | Path = "runs/demo", corpus: str = "sotu") -> dict:
-    """The sentence-step counterpart: build the tiny sentence pipeline (cached: a second run only evaluates
-    and samples), print its two-part evaluation and closed-loop continuations."""
+    """The sentence-step model alone with the whole ``sentence-tiny`` preset (its step budget), its
+    evaluation and continuations of a few prompts."""
     import sentcode
-    from sentcode.eval.sentence import format_sentence_result
-    from sentcode.pipeline import run_pipeline
+    from sentcode.eval.steplm import format_steplm_result
+    from sentcode.train.steplm import train_steplm
 
     run = Path(out) / "sentence-tiny"
-    print(f"building the tiny sentence-step LM on {corpus} (about 13 minutes on 2 CPU cores; stages are cached)")
-    result = run_pipeline(corpus, run, preset="sentence-tiny")
-    print("\n" + format_sentence_result(result["eval"]))
+    print(f"training the tiny sentence-step LM on {corpus}")
+    result = train_steplm(corpus, run, preset="sentence-tiny",
+                          resume="auto" if (run / "checkpoints").exists() else None)
+    print("\n" + format_steplm_result(result["eval"]))
     g = sentcode.load(run)
     for prompt in SENTENCE_PROMPTS:
-        print(f"\n> {prompt} {g.generate(prompt, max_sentences=3, temperature=0.7, seed=0)}")
+        print(f"\n> {prompt}{g.generate(prompt, max_sentences=3, temperature=0.7, seed=0)}")
     print(f"\nrun directory: {run}")
     return result
