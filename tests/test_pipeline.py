@@ -214,7 +214,7 @@ def test_eval_json_via_cli(pipe, capsys):
 
 def test_cli_pipeline_generate_and_stage_commands(copy, capsys):
     sets = [a for o in MICRO for a in ("--set", o)]
-    rc, out, _ = cli(capsys, "pipeline", "sentence", "--corpus", "sample", "--out", copy, "--no-progress", *sets)
+    rc, out, _ = cli(capsys, "pipeline", "sentence", "--corpus", "sample", "--out", copy, "--preset", "staged-tiny", "--no-progress", *sets)
     assert rc == 0 and f"skipped {len(ACTIVE)} up to date" in out
     rc, out, _ = cli(capsys, "generate", copy, "--prompt", PROMPT, "--max-sentences", "2", "--seed", "0", "--stream")
     assert rc == 0 and out.startswith(PROMPT)
