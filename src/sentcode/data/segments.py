@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from sentcode.errors import DataError
+from sentcode.tokenizer.bytes import ByteTokenizer
 
-BOS, EOS, PAD = 256, 257, 258
+BOS, EOS, PAD = ByteTokenizer.bos_id, ByteTokenizer.eos_id, ByteTokenizer.pad_id
 
 
 @dataclass
@@ -127,15 +128,14 @@ class RowSource:
         self.draw = int(state["draw"])
 
 
-def eval_windows(split: SegmentSplit, context: int, max_docs: int | None = None):
+def eval_windows(split: SegmentSplit, context: int):
     """Deterministic windows for a full pass: yields (segments, first_scored) per window.
 
     Within a document, a window holds up to ``context`` segments; each segment is scored exactly once, in the
     first window that contains it, and every window after the first starts ``context // 2`` segments before
     the first segment it scores, so each scored segment has at least that much planner history (or all of
     its document's)."""
-    n_docs = split.n_docs if max_docs is None else min(max_docs, split.n_docs)
-    for d in range(n_docs):
+    for d in range(split.n_docs):
         a0, end = int(split.doc_seg[d]), int(split.doc_seg[d + 1])
         done, a = a0, a0
         while done < end:

@@ -114,14 +114,7 @@ class StepLMGenerator:
             state.plan_len += 1
 
     def _sample_codes(self, o: torch.Tensor, temperature: float, gen) -> torch.Tensor:
-        m = self.model
-        codes, h = [], o
-        for level, head in enumerate(m.code_heads):
-            c = sample_next(head(h), temperature, None, None, generator=gen)
-            codes.append(c)
-            if level < m.cfg.levels - 1:
-                h = h + m.code_embed[level](c)
-        return torch.stack(codes, -1)
+        return self.model.pick_codes(o, lambda logits: sample_next(logits, temperature, None, None, generator=gen))
 
     def _set_cond(self, state: _State, q: torch.Tensor | None) -> None:
         state.cond = self.model.condition(state.o, q)[:, None]

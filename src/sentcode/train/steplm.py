@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sentcode.config import _read_yaml, config_from_dict, parse_override
-from sentcode.errors import ConfigError
+from sentcode.config import load_config
 from sentcode.data.segments import RowSource, SegmentSplit
 from sentcode.io import write_json
 from sentcode.models.sentence.steplm import FAMILY, StepLM, StepLMConfig
@@ -23,18 +22,8 @@ SPLITS = ("train", "val", "test")
 
 
 def load_steplm_config(preset: str = "sentence-tiny", overrides: list[str] | None = None) -> StepLMConfig:
-    data = _read_yaml(preset)
-    if data.get("family") != FAMILY:
-        raise ConfigError(f"preset {preset!r} is not an end-to-end sentence-step preset (family {data.get('family')!r})")
-    for item in overrides or []:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k} is not a section")
-        node[keys[-1]] = value
-    return config_from_dict(data, cls=StepLMConfig)
+    """A validated end-to-end config from a preset (or YAML file) and overrides; another family is refused."""
+    return load_config(preset, overrides, cls=StepLMConfig)
 
 
 def prepare_segments(corpus: str, data_dir: Path, cfg: StepLMConfig) -> dict:

@@ -35,9 +35,9 @@ from sentcode.models.lm import Block
 from sentcode.nn import LayerCache, RMSNorm, rope_cos_sin
 from sentcode.nn.init import init_weights
 from sentcode.nn.rvq import ResidualVQ
+from sentcode.tokenizer.bytes import ByteTokenizer
 
-BOS, EOS, PAD = 256, 257, 258  # the byte tokenizer's specials: segment start, segment end, padding
-VOCAB = 259
+VOCAB = ByteTokenizer.vocab_size  # 256 bytes + segment start (BOS), segment end (EOS), padding
 FAMILY = "steplm"
 
 
@@ -217,11 +217,12 @@ class StepLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def greedy_codes(self, o: torch.Tensor) -> torch.Tensor:
-        """The planner's most likely tuple, level by level: [..., levels]."""
+    def pick_codes(self, o: torch.Tensor, pick=lambda logits: logits.argmax(-1)) -> torch.Tensor:
+        """A tuple chosen level by level, each level by ``pick(logits)`` given the earlier ones (default:
+        the most likely): [..., levels]."""
         codes, h = [], o
         for level, head in enumerate(self.code_heads):
-            c = head(h).argmax(-1)
+            c = pick(head(h))
             codes.append(c)
             if level < self.cfg.levels - 1:
                 h = h + self.code_embed[level](c)
@@ -263,7 +264,7 @@ class StepLM(nn.Module):
                                      reduction="none")
                 plan_nats = plan_nats + (ce * valid.reshape(-1)).sum()
             if code_mode == "predicted":
-                q = self.rvq.decode(self.greedy_codes(o))
+                q = self.rvq.decode(self.pick_codes(o))
             elif code_mode == "shuffled":
                 flat = q.reshape(-1, q.shape[-1])
                 q = flat[torch.randperm(flat.shape[0], device=q.device)].reshape(q.shape)
