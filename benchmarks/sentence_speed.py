@@ -38,7 +38,7 @@ from common import machine, save  # noqa: E402
 import sentcode  # noqa: E402
 from sentcode.errors import SentcodeError  # noqa: E402
 from sentcode.eval.run import evaluate_run  # noqa: E402
-from sentcode.infer.sampling import make_generator, sample_next  # noqa: E402
+from sentcode.nn.sampling import make_generator, sample_next  # noqa: E402
 
 PROMPT = ("In the year that has passed, our country has faced great trials, and it has met them. Our economy "
           "is growing again, and our people are working. We must now finish the work that we have begun.")

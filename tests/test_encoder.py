@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from sentcode.runs.parts import load_encoder
 from sentcode.config import config_from_dict
 from sentcode.data.embeddings import read_embeddings, write_embeddings
 from sentcode.errors import ConfigError, DataError
 from sentcode.eval.embeddings import next_sentence_metrics
 from sentcode.models.sentence import ByteSentenceEncoder, EncoderConfig, EncoderRunConfig
 from sentcode.nn import CausalSelfAttention, rope_cos_sin
-from sentcode.train.encoder import PairBatches, ValPairs, _pair_tensors, info_nce, load_encoder, train_encoder
+from sentcode.train.encoder import PairBatches, ValPairs, _pair_tensors, info_nce, train_encoder
 
 TINY_ENC = dict(d_model=64, n_layer=2, n_head=4, max_bytes=64, d_emb=32)
 TINY_RUN = [

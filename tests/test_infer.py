@@ -10,7 +10,7 @@ from sentcode.data import DataDir
 from sentcode.errors import SentcodeError
 from sentcode.eval.bpb import evaluate_bpb, token_byte_lengths
 from sentcode.infer.engine import generate_ids
-from sentcode.infer.sampling import filter_logits, make_generator, sample_next
+from sentcode.nn.sampling import filter_logits, make_generator, sample_next
 from sentcode.models.lm import LM
 
 # ---------------------------------------------------------------- sampling

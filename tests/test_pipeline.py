@@ -16,7 +16,8 @@ import sentcode
 from sentcode.cli import main
 from sentcode.errors import ConfigError, SentcodeError
 from sentcode.pipeline import run_pipeline
-from sentcode.pipeline.sentence import STAGES, read_codes, read_sentences, stage_dir
+from sentcode.runs.staged_config import STAGES
+from sentcode.runs.staged_store import read_codes, read_sentences, stage_dir
 
 from conftest import MICRO
 
@@ -273,7 +274,8 @@ def test_bad_pipeline_config(tmp_path, override, match):
 
 def test_flat_preset_is_rejected(tmp_path, capsys):
     rc, _, err = cli(capsys, "pipeline", "sentence", "--corpus", "sample", "--preset", "tiny", "--out", tmp_path / "r")
-    assert rc == 2 and "not a sentence pipeline preset" in err
+    assert rc == 2 and "'tiny' is a flat LM preset" in err and "sentcode train lm" in err
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("argv", [
@@ -293,10 +295,6 @@ NAR = ["renderer_nar.enabled=true", "renderer_nar.reward_encoder_steps=5", "rend
 
 
 def test_optional_nar_stage(copy):
-    from sentcode.pipeline.sentence import nar_module
-
-    if nar_module() is None:
-        pytest.skip("sentcode.train.renderer_nar is not available")
     r = run_pipeline("sample", copy, preset="staged-tiny", overrides=MICRO + NAR, progress=False)
     assert r["ran"] == ["renderer-nar", "eval"]  # the evaluation reads the NAR renderer too
     rec = json.loads((stage_dir(copy, "renderer-nar") / "stage.json").read_text())

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from sentcode.runs.parts import load_planner
 from sentcode.config import config_from_dict
 from sentcode.errors import ConfigError, DataError
 from sentcode.models.sentence import Planner, PlannerConfig, PlannerRunConfig, join_embeddings, split_embeddings
 from sentcode.models.sentence.planner import load_planner_config
 from sentcode.nn.rvq import ResidualVQ
-from sentcode.train.planner import PlanBatches, PlanDocs, eval_windows, load_planner, train_planner
+from sentcode.train.planner import PlanBatches, PlanDocs, eval_windows, train_planner
 
 torch.set_num_threads(1)
 

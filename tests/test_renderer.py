@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from sentcode.runs.parts import load_renderer
 from sentcode.config import config_from_dict
 from sentcode.errors import ConfigError, DataError, SentcodeError
 from sentcode.models.sentence.renderer import (
     BOS, EOS, PAD, SEP, ARRenderer, RendererConfig, RendererRunConfig, collate_render, tail,
 )
-from sentcode.train.renderer import RenderBatches, RenderDoc, ValRender, contexts_of, load_renderer, train_renderer
+from sentcode.train.renderer import RenderBatches, RenderDoc, ValRender, contexts_of, train_renderer
 
 torch.set_num_threads(1)
 

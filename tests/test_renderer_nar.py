@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from sentcode.runs.parts import load_nar_renderer
 from sentcode.config import config_from_dict
 from sentcode.errors import ConfigError, SentcodeError
 from sentcode.models.sentence import ByteSentenceEncoder, EncoderConfig
 from sentcode.models.sentence.renderer_nar import NARRenderer, NARRendererConfig, NARRunConfig, NARTrainConfig
 from sentcode.train.renderer_nar import (
-    SentenceReward, check_encoders, load_nar_renderer, nar_loss, repetition_score, train_nar_renderer,
+    SentenceReward, check_encoders, nar_loss, repetition_score, train_nar_renderer,
 )
 
 torch.set_num_threads(1)

@@ -19,7 +19,7 @@ from sentcode.config import load_config
 from sentcode.data import DataDir
 from sentcode.eval.bpb import evaluate_bpb
 from sentcode.models.lm import LM
-from sentcode.train import checkpoint as ckpt_io
+from sentcode.runs import checkpoint as ckpt_io
 from sentcode.train.lm import build_lm_task, train_lm
 from sentcode.train.loop import run_training
 

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from sentcode.errors import SentcodeError
+from sentcode.registry import family, family_of
 
 
 def _warn_one_line(message, category, filename, lineno, file=None, line=None):
@@ -41,7 +42,7 @@ def _add_sentence_train(train_sub) -> None:
 
 
 def _add_sentence_commands(sub) -> None:
-    from sentcode.pipeline.sentence import STAGES
+    from sentcode.runs.staged_config import STAGES
 
     pipe = sub.add_parser("pipeline", help="build a model end to end from a corpus (cached stages)")
     pipe_sub = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="FAMILY")
@@ -247,8 +248,12 @@ def _dispatch_sentence(args) -> int:
 
     if args.command == "pipeline":
         corpus = args.corpus if len(args.corpus) > 1 else args.corpus[0]
-        if _preset_family(args.preset) == "steplm":
-            return _train_steplm(args, corpus)
+        fam = family(_preset_family(args.preset), where=f"preset {args.preset!r}")
+        if not fam.steps_by_sentence:
+            raise SentcodeError(f"preset {args.preset!r} is a {fam.label} preset: train it with "
+                                "`sentcode data` and `sentcode train lm`")
+        if not fam.staged:
+            return _train_end_to_end(args, corpus, fam)
         if args.resume is not None:
             raise SentcodeError("--resume applies to the end-to-end presets; a staged pipeline skips finished stages itself")
         r = pipe.run_pipeline(corpus, args.out, preset=args.preset, overrides=args.overrides,
@@ -286,27 +291,24 @@ def _dispatch_sentence(args) -> int:
     return 0
 
 
-def _preset_family(preset: str) -> str | None:
+def _preset_family(preset: str) -> str:
     from sentcode.config import _read_yaml
 
-    return _read_yaml(preset).get("family")
+    return _read_yaml(preset).get("family", "lm")
 
 
-def _train_steplm(args, corpus) -> int:
-    from sentcode.eval.steplm import format_steplm_result
-    from sentcode.train.steplm import train_steplm
-
+def _train_end_to_end(args, corpus, fam) -> int:
     if args.from_stage is not None or args.until is not None:
         raise SentcodeError("--from and --until apply to the staged presets; an end-to-end preset is one training run")
     if not isinstance(corpus, str):
         raise SentcodeError("an end-to-end preset takes one --corpus SPEC (a corpus .yaml can combine several)")
-    s = train_steplm(corpus, args.out, preset=args.preset, overrides=args.overrides, resume=args.resume,
-                     device=args.device, progress=_progress(args))
+    s = fam.resolve("train")(corpus, args.out, preset=args.preset, overrides=args.overrides, resume=args.resume,
+                             device=args.device, progress=_progress(args))
     if s["status"] != "completed":
         return 130
     print(f"trained {s['step']} steps in {s['train_elapsed']:.0f}s")
     if s.get("eval"):
-        print(format_steplm_result(s["eval"]))
+        print(fam.resolve("format")(s["eval"]))
     print(f"run directory {args.out}")
     return 0
 
@@ -381,7 +383,7 @@ def _dispatch(args) -> int:
         import sentcode
 
         g = sentcode.load(args.run_dir, renderer=args.renderer)
-        if getattr(g, "family", "lm") != "lm":
+        if family_of(g).steps_by_sentence:
             return _generate_sentence(g, args)
         if args.max_sentences is not None or args.rerank is not None or args.no_rerank or args.stream:
             raise SentcodeError("--max-sentences, --rerank, --no-rerank and --stream apply to sentence pipeline runs; "

@@ -224,7 +224,13 @@ def load_config(preset: str | None = "tiny", overrides: list[str] | None = None,
     """Resolve a preset name or YAML path (None: the dataclass defaults) plus ``key.sub=value`` overrides
     into a validated config of class ``cls``."""
     data = _read_yaml(preset) if preset is not None else {}
-    for item in overrides or []:
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data, cls)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> None:
+    """Set each ``key.sub=value`` of ``overrides`` in the nested dict ``data``, in order."""
+    for item in overrides:
         keys, value = parse_override(item)
         node = data
         for k in keys[:-1]:
@@ -232,7 +238,6 @@ def load_config(preset: str | None = "tiny", overrides: list[str] | None = None,
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k} is not a section")
         node[keys[-1]] = value
-    return config_from_dict(data, cls)
 
 
 def config_from_dict(data: dict, cls=LMConfig):

@@ -1,4 +1,4 @@
-"""Evaluate a run directory: held-out split of its data, or any text file."""
+"""Evaluate a loaded run: a split of its data, or any text file, through its family's scoring."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 from sentcode.data import DataDir
 from sentcode.errors import DataError, SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
+from sentcode.registry import family, family_of
 
 
 def read_text_file(path: str | Path) -> bytes:
@@ -29,14 +30,20 @@ def read_text_file(path: str | Path) -> bytes:
 
 
 def evaluate_run(gen, text_file: str | Path | None = None, split: str = "test", max_tokens: int | None = None) -> dict:
-    """Bits per byte of a loaded generator over a data split or a file, as a JSON-ready dict.
+    """Bits per byte of a loaded generator over a data split or a file, as a JSON-ready dict, by its family's
+    own scoring (a sentence-step run reports its two-part bits per byte under the same ``bpb`` key, plus its
+    parts)."""
+    fam = family_of(gen)
+    if max_tokens is not None:
+        return fam.resolve("evaluate")(gen, text_file, split, max_tokens=max_tokens)
+    return fam.resolve("evaluate")(gen, text_file, split)
 
-    A sentence-step run reports its two-part bits per byte under the same ``bpb`` key, plus its parts.
-    """
-    if getattr(gen, "family", "lm") == "sentence":
-        return _evaluate_sentence(gen, text_file, split)
-    if getattr(gen, "family", "lm") == "steplm":
-        return _evaluate_steplm(gen, text_file, split)
+
+def format_result(result: dict) -> str:
+    return family(result.get("family")).resolve("format")(result)
+
+
+def evaluate_flat(gen, text_file: str | Path | None = None, split: str = "test", max_tokens: int | None = None) -> dict:
     tok = gen.tokenizer
     if text_file is not None:
         ids = tok.encode(read_text_file(text_file))
@@ -53,44 +60,7 @@ def evaluate_run(gen, text_file: str | Path | None = None, split: str = "test", 
     return {"family": gen.family, "source": source, "tokenizer": tok.kind, **result}
 
 
-def _evaluate_sentence(gen, text_file, split: str) -> dict:
-    from sentcode.eval.sentence import evaluate_sentence_run
-    from sentcode.pipeline.sentence import input_hash, read_stage, stage_dir
-
-    if text_file is None and split == "test":
-        # The pipeline's eval stage already scored the test split: reuse it while it is up to date.
-        rec = read_stage(gen.run_dir, "eval")
-        cached = stage_dir(gen.run_dir, "eval") / "eval.json"
-        if rec is not None and cached.is_file() and rec.get("input_hash") == input_hash(gen.run_dir, gen.cfg, "eval"):
-            return json.loads(cached.read_text())
-    if text_file is not None:
-        data = read_text_file(text_file)
-        return {"family": "sentence", "source": str(text_file), **gen.score_details(data)}
-    return evaluate_sentence_run(gen.run_dir, split=split, cfg=gen.cfg)
-
-
-def _evaluate_steplm(gen, text_file, split: str) -> dict:
-    from sentcode.data.segments import SegmentSplit
-    from sentcode.eval.steplm import evaluate_segments
-
-    if text_file is not None:
-        return {"family": "steplm", "source": str(text_file), **gen.score_details(read_text_file(text_file))}
-    cached, weights = gen.run_dir / "eval.json", gen.run_dir / "model.safetensors"
-    if split == "test" and cached.is_file() and weights.is_file() and cached.stat().st_mtime >= weights.stat().st_mtime:
-        return json.loads(cached.read_text())  # written by training from these weights
-    data = SegmentSplit.load(gen.run_dir / "data" / f"{split}.npz")
-    return {"family": "steplm", "source": f"{split} split", **evaluate_segments(gen.model, data, gen.device)}
-
-
-def format_result(result: dict) -> str:
-    if result.get("family") == "steplm":
-        from sentcode.eval.steplm import format_steplm_result
-
-        return format_steplm_result(result)
-    if result.get("family") == "sentence":
-        from sentcode.eval.sentence import format_sentence_result
-
-        return format_sentence_result(result)
+def format_flat(result: dict) -> str:
     return (f"{result['source']}: {result['bpb']:.4f} bits per byte "
             f"({result['bytes']:,} bytes, {result['tokens']:,} tokens)")
 

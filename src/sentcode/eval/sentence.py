@@ -161,7 +161,7 @@ def closed_loop(gen, docs: list[list[str]], codes: list[np.ndarray], contexts: i
     """Plan and render one sentence after each of ``contexts`` sampled positions of held-out documents
     (true history), then compare: planned vs rendered codes, rendered vs true next sentence."""
     from sentcode.eval.embeddings import next_sentence_metrics
-    from sentcode.infer.sampling import make_generator
+    from sentcode.nn.sampling import make_generator
     from sentcode.train.renderer import contexts_of
 
     positions = [(d, t) for d in range(len(docs)) for t in range(1, len(docs[d]))]
@@ -215,24 +215,39 @@ def closed_loop(gen, docs: list[list[str]], codes: list[np.ndarray], contexts: i
     return out
 
 
-def evaluate_sentence_run(run_dir: str | Path, split: str = "test", cfg: dict | None = None,
-                          progress: bool = False, judge: str = "auto", closed_loop_contexts: int | None = None) -> dict:
-    """The full evaluation of a sentence pipeline run directory, JSON-ready (``bpb`` is the two-part one)."""
+def evaluate_loaded(gen, text_file=None, split: str = "test") -> dict:
+    """``sentcode eval`` of a loaded staged run: a text file's two-part bits, or a split's full evaluation (the
+    pipeline's eval stage already scored the test split: reused while it is up to date)."""
+    import json
+
+    from sentcode.eval.run import read_text_file
+    from sentcode.runs.staged_store import input_hash, read_stage, stage_dir
+
+    if text_file is not None:
+        return {"family": "sentence", "source": str(text_file), **gen.score_details(read_text_file(text_file))}
+    if split == "test":
+        rec = read_stage(gen.run_dir, "eval")
+        cached = stage_dir(gen.run_dir, "eval") / "eval.json"
+        if rec is not None and cached.is_file() and rec.get("input_hash") == input_hash(gen.run_dir, gen.cfg, "eval"):
+            return json.loads(cached.read_text())
+    return evaluate_sentence_run(gen, split=split)
+
+
+def evaluate_sentence_run(gen, split: str = "test", progress: bool = False, judge: str = "auto",
+                          closed_loop_contexts: int | None = None) -> dict:
+    """The full evaluation of a loaded staged run, JSON-ready (``bpb`` is the two-part one)."""
     from sentcode.data.embeddings import read_embeddings
-    from sentcode.infer.sentence import load_sentence
-    from sentcode.pipeline.sentence import (
-        per_doc, read_codes, read_predicted, read_run_config, read_sentences, read_stage, require_stage, stage_dir,
+    from sentcode.runs.staged_store import (
+        per_doc, read_codes, read_predicted, read_sentences, read_stage, require_stage, stage_dir,
     )
     from sentcode.train.planner import PlanDocs, unigram_logp
 
-    run_dir = Path(run_dir)
-    cfg = cfg if cfg is not None else read_run_config(run_dir)
+    run_dir, cfg = Path(gen.run_dir), gen.cfg
     if split not in ("val", "test"):
         raise SentcodeError(f"split must be val or test, got {split!r}")
     for stage in ("sentences", "embed", "rvq", "planner", "renderer"):
         require_stage(run_dir, stage)
     t0 = time.perf_counter()
-    gen = load_sentence(run_dir)
     docs = read_sentences(run_dir, split)
     if not any(docs):
         raise SentcodeError(f"the {split} split of {run_dir} holds no sentences")
@@ -243,7 +258,7 @@ def evaluate_sentence_run(run_dir: str | Path, split: str = "test", cfg: dict | 
     result = {"family": "sentence", "source": f"{split} split of {run_dir}", "split": split}
     nar = None
     if read_stage(run_dir, "renderer-nar") is not None:
-        from sentcode.train.renderer_nar import load_nar_renderer
+        from sentcode.runs.parts import load_nar_renderer
 
         nar = load_nar_renderer(stage_dir(run_dir, "renderer-nar"))
     result.update(two_part_bits(gen.planner, gen.renderer, docs, codes, predicted, gen.nocode, unigram, nar))

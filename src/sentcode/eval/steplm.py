@@ -86,3 +86,19 @@ def format_steplm_result(r: dict) -> str:
             lines.append(f"  refund ratio (no-code - oracle render bits) / plan bits: {r['refund_ratio']:.3f}")
     return "\n".join(lines)
 
+
+
+def evaluate_steplm_run(gen, text_file=None, split: str = "test") -> dict:
+    """``sentcode eval`` of a loaded end-to-end run: a text file, or a split of the run's own segments (the test
+    split's figures written at the end of training are reused while they are newer than the weights)."""
+    import json
+
+    from sentcode.eval.run import read_text_file
+
+    if text_file is not None:
+        return {"family": "steplm", "source": str(text_file), **gen.score_details(read_text_file(text_file))}
+    cached, weights = gen.run_dir / "eval.json", gen.run_dir / "model.safetensors"
+    if split == "test" and cached.is_file() and weights.is_file() and cached.stat().st_mtime >= weights.stat().st_mtime:
+        return json.loads(cached.read_text())
+    data = SegmentSplit.load(gen.run_dir / "data" / f"{split}.npz")
+    return {"family": "steplm", "source": f"{split} split", **evaluate_segments(gen.model, data, gen.device)}

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sentcode.errors import SentcodeError
-from sentcode.infer.sampling import check_sampling, make_generator, sample_next
+from sentcode.nn.sampling import check_sampling, make_generator, sample_next
 
 # Rebuild the whole batch's cache when the shared position passes this many contexts (see the module doc).
 _REBASE_CONTEXTS = 4

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from sentcode.infer.sampling import make_generator, sample_next
+from sentcode.nn.sampling import make_generator, sample_next
 
 
 @torch.no_grad()

@@ -15,10 +15,11 @@ from sentcode.config import config_from_dict
 from sentcode.errors import CheckpointError, SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
 from sentcode.infer.engine import generate_ids
-from sentcode.infer.sampling import check_sampling
+from sentcode.nn.sampling import check_sampling
+from sentcode.registry import family
 from sentcode.models.lm import LM
 from sentcode.tokenizer import load_tokenizer
-from sentcode.train import checkpoint as ckpt_io
+from sentcode.runs import checkpoint as ckpt_io
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict]:
@@ -155,27 +156,20 @@ class FlatGenerator:
 
 
 def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None):
-    """Load any trained run directory and return its generator.
+    """Load any trained run directory and return its generator (the family's loader, from the registry).
 
     ``renderer`` ("ar" or "nar") picks the renderer that writes a sentence-step run's text (default "ar").
     """
     run_dir = Path(run_dir)
-    cfg_dict, run_info = _read_run(run_dir)
-    family = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
-    if family == "sentence":  # a `sentcode pipeline sentence` run directory
-        from sentcode.infer.sentence import load_sentence
+    cfg_dict, _ = _read_run(run_dir)
+    name = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
+    return family(name, where=run_dir).resolve("load")(run_dir, device=device, renderer=renderer)
 
-        return load_sentence(run_dir, device=device, renderer=renderer or "ar")
-    if family == "steplm":  # an end-to-end sentence-step LM
-        from sentcode.infer.steplm import load_steplm
 
-        if renderer not in (None, "ar"):
-            raise SentcodeError("this end-to-end sentence-step run has no NAR renderer; use the AR renderer")
-        return load_steplm(run_dir, device=device)
-    if family != "lm":
-        raise SentcodeError(f"{run_dir} holds a {family!r} model, which this version cannot load")
+def load_lm(run_dir: Path, device: str = "cpu", renderer: str | None = None) -> FlatGenerator:
     if renderer is not None:
         raise SentcodeError("a renderer choice applies to sentence-step runs; this is a flat LM run")
+    cfg_dict, run_info = _read_run(run_dir)
     cfg = config_from_dict(cfg_dict)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     if tokenizer.vocab_size != cfg.model.vocab_size:

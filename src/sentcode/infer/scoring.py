@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from sentcode.errors import SentcodeError
+from sentcode.registry import family_of
 from sentcode.tokenizer.base import to_bytes
 
 LN2 = math.log(2)
@@ -58,7 +59,7 @@ _MAX_BATCH = 32
 
 
 def is_sentence(gen) -> bool:
-    return getattr(gen, "family", "lm") != "lm"
+    return family_of(gen).steps_by_sentence
 
 
 def _check_text(value, name: str) -> str:

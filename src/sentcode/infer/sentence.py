@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sentcode.errors import SentcodeError
-from sentcode.infer.sampling import check_sampling, make_generator
+from sentcode.nn.sampling import check_sampling, make_generator
 
 MAX_SENTENCES = 64
 
@@ -257,18 +257,17 @@ class SentenceGenerator:
         return two_part_bits(self.planner, self.renderer, [sentences], [codes])
 
 
-def load_sentence(run_dir: str | Path, device: str = "cpu", renderer: str = "ar") -> SentenceGenerator:
+def load_sentence(run_dir: str | Path, device: str = "cpu", renderer: str | None = "ar") -> SentenceGenerator:
     """The generator of a sentence pipeline run; names the first missing stage when it is incomplete.
 
     ``renderer``: "ar" (default) or "nar", the renderer that writes generated sentences; "nar" needs the
     optional renderer-nar stage.
     """
-    from sentcode.pipeline.sentence import load_rvq, read_run_config, read_stage, require_stage, stage_dir
-    from sentcode.train.encoder import load_encoder
-    from sentcode.train.planner import load_planner
-    from sentcode.train.renderer import load_renderer
+    from sentcode.runs.parts import load_encoder, load_planner, load_renderer
+    from sentcode.runs.staged_config import read_run_config
+    from sentcode.runs.staged_store import load_rvq, read_stage, require_stage, stage_dir
 
-    run_dir = Path(run_dir)
+    run_dir, renderer = Path(run_dir), renderer or "ar"
     cfg = read_run_config(run_dir)
     for stage in ("encoder", "rvq", "planner", "renderer"):
         require_stage(run_dir, stage)
@@ -282,7 +281,7 @@ def load_sentence(run_dir: str | Path, device: str = "cpu", renderer: str = "ar"
         if read_stage(run_dir, "renderer-nar") is None:
             raise SentcodeError(f"{run_dir} has no NAR renderer: enable it (--set renderer_nar.enabled=true) and "
                                 "rerun `sentcode pipeline sentence`, or use the AR renderer")
-        from sentcode.train.renderer_nar import load_nar_renderer
+        from sentcode.runs.parts import load_nar_renderer
 
         nar = load_nar_renderer(stage_dir(run_dir, "renderer-nar"), device)
     gen = SentenceGenerator(run_dir, cfg, load_encoder(stage_dir(run_dir, "encoder"), device),

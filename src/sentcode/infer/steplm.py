@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from sentcode.data.segments import BOS, EOS, build_row
+from sentcode.data.segments import BOS, build_row
 from sentcode.errors import SentcodeError
-from sentcode.infer.sampling import check_sampling, make_generator, sample_next
+from sentcode.nn.sampling import check_sampling, make_generator, sample_next
 from sentcode.models.sentence.steplm import FAMILY, StepLM, StepLMConfig, trim_cache
 
 MAX_SENTENCES = 64
@@ -247,9 +247,11 @@ class StepLMGenerator:
         return self.score_details(text)["bpb"]
 
 
-def load_steplm(run_dir: str | Path, device: str = "cpu") -> StepLMGenerator:
-    from sentcode.train.runs import load_weights, read_run_config
+def load_steplm(run_dir: str | Path, device: str = "cpu", renderer: str | None = None) -> StepLMGenerator:
+    from sentcode.runs.weights import load_weights, read_run_config
 
+    if renderer not in (None, "ar"):
+        raise SentcodeError("this end-to-end sentence-step run has no NAR renderer; use the AR renderer")
     cfg = read_run_config(run_dir, FAMILY, StepLMConfig)
     model = StepLM(cfg.model).to(device)
     load_weights(model, run_dir, "model.safetensors")

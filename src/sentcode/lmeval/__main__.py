@@ -2,7 +2,12 @@
 
 import sys
 
-from sentcode.cli import main
+from sentcode.errors import SentcodeError
+from sentcode.lmeval.cli import run_lm_eval
 
 if __name__ == "__main__":
-    sys.exit(main(["lm-eval", *sys.argv[1:]]))
+    try:
+        sys.exit(run_lm_eval(sys.argv[1:]))
+    except SentcodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

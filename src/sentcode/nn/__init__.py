@@ -1,4 +1,4 @@
-"""Neural-network blocks shared by every model family. Imports only torch."""
+"""Neural-network blocks shared by every model family, and the one sampling function. Imports only torch."""
 
 from sentcode.nn.attention import CausalSelfAttention, LayerCache, causal_mask
 from sentcode.nn.layers import DualFFN, RMSNorm, SwiGLU, alibi_slopes, apply_rope, rope_cos_sin

@@ -24,9 +24,7 @@ does not pay for.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -37,416 +35,19 @@ import numpy as np
 import torch
 import yaml
 
-import sentcode
-from sentcode.config import _read_yaml, parse_override
-from sentcode.errors import ConfigError, DataError, SentcodeError
+from sentcode.errors import ConfigError, SentcodeError
+from sentcode.config import _read_yaml, apply_overrides
 from sentcode.io import atomic_path, write_json, write_text
-
-FAMILY = "sentence"
-# Pipeline order; "renderer-nar" runs only when enabled in the config (and its module exists).
-STAGES = ("corpus", "sentences", "encoder", "embed", "rvq", "planner", "renderer", "renderer-nocode",
-          "renderer-nar", "eval")
-DEPS = {
-    "corpus": (),
-    "sentences": ("corpus",),
-    "encoder": ("sentences",),
-    "embed": ("sentences", "encoder"),
-    "rvq": ("embed",),
-    "planner": ("sentences", "rvq"),
-    "renderer": ("sentences", "rvq", "planner"),
-    "renderer-nocode": ("sentences",),
-    "renderer-nar": ("sentences", "rvq", "planner"),
-    "eval": ("sentences", "encoder", "embed", "rvq", "planner", "renderer", "renderer-nocode"),
-}
-SPLITS = ("train", "val", "test")
-SECTIONS = ("family", "seed", "corpus", "sentences", "encoder", "embed", "rvq", "planner", "renderer",
-            "renderer_nar", "eval", "budgets")
-STAGE_FILE = "stage.json"
-
-
-# ---- configuration -----------------------------------------------------------------------------------------
-
-
-def _apply_overrides(data: dict, overrides: list[str]) -> None:
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k} is not a section")
-        node[keys[-1]] = value
-
-
-def _section(cfg: dict, *keys: str) -> dict:
-    node = cfg
-    for k in keys:
-        node = node.get(k) if isinstance(node, dict) else None
-        if node is None:
-            return {}
-    if not isinstance(node, dict):
-        raise ConfigError(f"pipeline config section {'.'.join(keys)} must be a mapping")
-    return node
-
-
-def _flat(prefix: str, section: dict) -> list[str]:
-    # JSON is valid YAML, so parse_override reads each value back exactly (strings stay strings, None is null).
-    return [f"{prefix}.{k}={json.dumps(v)}" for k, v in section.items()]
-
-
-def _budget(cfg: dict, name: str) -> list[str]:
-    b = _section(cfg, "budgets", name)
-    unknown = sorted(set(b) - {"max_steps", "time_budget_s"})
-    if unknown:
-        raise ConfigError(f"unknown key budgets.{name}.{unknown[0]} (known: max_steps, time_budget_s)")
-    return _flat("train", b)
-
-
-def _levels(cfg: dict) -> tuple[int, list[int]]:
-    r = _section(cfg, "rvq")
-    K = r.get("levels", 4)
-    V = r.get("codebook_sizes", [256] * (K if isinstance(K, int) else 0))
-    if isinstance(V, int):
-        V = [V] * K
-    if (not isinstance(K, int) or K < 1 or not isinstance(V, list) or len(V) != K
-            or any(not isinstance(v, int) or isinstance(v, bool) or v < 2 for v in V)):
-        raise ConfigError(f"rvq.levels must be a positive integer and rvq.codebook_sizes {K!r} integers >= 2, got {V!r}")
-    return K, V
-
-
-def encoder_overrides(cfg: dict) -> list[str]:
-    m = _section(cfg, "encoder", "model")
-    max_bytes = m.get("max_bytes", 256)
-    return (_flat("encoder", m) + _flat("train", _section(cfg, "encoder", "train"))
-            + [f"train.seq_len={max_bytes}", f"train.seed={cfg['seed']}"] + _budget(cfg, "encoder"))
-
-
-def _no_residual(section: dict, where: str) -> None:
-    if section.get("use_residual"):
-        raise ConfigError(f"{where}.use_residual is not supported by the sentence pipeline: the two-part code "
-                          "length does not charge continuous residuals")
-
-
-def planner_overrides(cfg: dict) -> list[str]:
-    K, V = _levels(cfg)
-    m = dict(_section(cfg, "planner", "model"))
-    _no_residual(m, "planner.model")
-    for k in ("levels", "codebook_sizes", "d_emb"):
-        if k in m:
-            raise ConfigError(f"planner.model.{k} is derived from the rvq and encoder sections; set it there")
-    d_emb = _section(cfg, "encoder", "model").get("d_emb", 128)
-    return (_flat("planner", m) + [f"planner.levels={K}", f"planner.codebook_sizes={json.dumps(V)}",
-                                    f"planner.d_emb={d_emb}", "planner.use_residual=false"]
-            + _flat("train", _section(cfg, "planner", "train")) + [f"train.seed={cfg['seed']}"]
-            + _budget(cfg, "planner"))
-
-
-def renderer_overrides(cfg: dict, use_codes: bool = True) -> list[str]:
-    K, V = _levels(cfg)
-    m = dict(_section(cfg, "renderer", "model"))
-    _no_residual(m, "renderer.model")
-    for k in ("levels", "codebook_sizes", "d_emb", "use_codes"):
-        if k in m:
-            raise ConfigError(f"renderer.model.{k} is set by the pipeline; it cannot be overridden here")
-    d_emb = _section(cfg, "encoder", "model").get("d_emb", 128)
-    max_sb = m.get("max_sentence_bytes", 256)
-    out = (_flat("renderer", m) + [f"renderer.levels={K}", f"renderer.codebook_sizes={json.dumps(V)}",
-                                    f"renderer.d_emb={d_emb}", "renderer.use_residual=false"]
-           + _flat("train", _section(cfg, "renderer", "train"))
-           + [f"train.seq_len={max_sb}", f"train.seed={cfg['seed']}"])
-    if use_codes:
-        return out + _budget(cfg, "renderer")
-    # The ablation reads no codes, so code corruption means nothing to it.
-    return out + ["renderer.use_codes=false", "renderer.code_noise=0.0", "renderer.predicted_mix=0.0",
-                  "renderer.code_init=random"] \
-        + _budget(cfg, "renderer_nocode")
-
-
-def nar_enabled(cfg: dict) -> bool:
-    return bool(_section(cfg, "renderer_nar").get("enabled", False))
-
-
-def validate_pipeline_config(cfg: dict) -> dict:
-    """Check every section by building each stage's own config (errors name the offending key)."""
-    from sentcode.models.sentence.config import load_encoder_config
-    from sentcode.models.sentence.planner import load_planner_config
-    from sentcode.models.sentence.renderer import load_renderer_config
-
-    if cfg.get("family") != FAMILY:
-        raise ConfigError(f"a sentence pipeline config needs family: {FAMILY}, got {cfg.get('family')!r}")
-    unknown = sorted(set(cfg) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"unknown pipeline config section {unknown[0]!r} (known: {', '.join(SECTIONS[1:])})")
-    if not isinstance(cfg.get("seed", 0), int):
-        raise ConfigError(f"seed must be an integer, got {cfg.get('seed')!r}")
-    cfg.setdefault("seed", 1337)
-    c = _section(cfg, "corpus")
-    for k in ("val_frac", "test_frac"):
-        if not isinstance(c.get(k, 0.05), (int, float)) or not 0 < c.get(k, 0.05) < 0.5:
-            raise ConfigError(f"corpus.{k} must be a number in (0, 0.5), got {c.get(k)!r}")
-    max_bytes = _section(cfg, "sentences").get("max_bytes", 256)
-    if not isinstance(max_bytes, int) or max_bytes < 4:
-        raise ConfigError(f"sentences.max_bytes must be an integer >= 4, got {max_bytes!r}")
-    load_encoder_config(None, encoder_overrides(cfg))
-    K, V = _levels(cfg)
-    r = _section(cfg, "rvq")
-    unknown = sorted(set(r) - {"levels", "codebook_sizes", "iters", "normalize", "fit_rows"})
-    if unknown:
-        raise ConfigError(f"unknown key rvq.{unknown[0]} (known: levels, codebook_sizes, iters, normalize, fit_rows)")
-    if r.get("normalize", "standard") not in (None, "standard"):
-        raise ConfigError(f"rvq.normalize must be standard or null, got {r.get('normalize')!r}")
-    load_planner_config(None, planner_overrides(cfg))
-    rcfg = load_renderer_config(None, renderer_overrides(cfg))
-    load_renderer_config(None, renderer_overrides(cfg, use_codes=False))
-    if rcfg.renderer.max_sentence_bytes < max_bytes:
-        raise ConfigError(f"renderer.model.max_sentence_bytes={rcfg.renderer.max_sentence_bytes} is below "
-                          f"sentences.max_bytes={max_bytes}: the renderer could not score every sentence")
-    if nar_enabled(cfg):
-        if nar_module() is None:
-            raise ConfigError("renderer_nar.enabled needs sentcode.train.renderer_nar, which this version lacks")
-        from sentcode.models.sentence.config import load_encoder_config as _enc
-        from sentcode.models.sentence.renderer_nar import load_nar_config
-
-        load_nar_config(None, nar_overrides(cfg))
-        _enc(None, reward_encoder_overrides(cfg))
-    e = _section(cfg, "eval")
-    for k in ("agreement_contexts", "rerank"):
-        if not isinstance(e.get(k, 0), int) or e.get(k, 0) < 0:
-            raise ConfigError(f"eval.{k} must be an integer >= 0, got {e.get(k)!r}")
-    return cfg
-
-
-def load_pipeline_config(preset: str = "staged-tiny", overrides: list[str] | None = None) -> dict:
-    """The resolved, validated pipeline config (a plain dict) of a preset name or YAML file plus overrides."""
-    data = _read_yaml(preset)
-    _apply_overrides(data, list(overrides or []))
-    return validate_pipeline_config(data)
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    """The pipeline config stored in a pipeline run directory."""
-    run_dir = Path(run_dir)
-    p = run_dir / "config.yaml"
-    if not run_dir.is_dir():
-        raise SentcodeError(f"no run directory at {run_dir}")
-    if not p.is_file():
-        raise SentcodeError(f"{run_dir} is not a sentence pipeline run (no config.yaml); "
-                            "create one with `sentcode pipeline sentence --out RUN_DIR`")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError:
-        raise SentcodeError(f"{p} is not valid YAML") from None
-    if not isinstance(data, dict) or data.get("family") != FAMILY:
-        raise SentcodeError(f"{run_dir} is not a sentence pipeline run (family {data.get('family')!r})")
-    return validate_pipeline_config(data)
-
-
-def stage_config(cfg: dict, stage: str) -> dict:
-    """What a stage depends on in the config: its input hash covers exactly this."""
-    if stage == "corpus":
-        return {"spec": cfg["corpus"].get("spec"), **{k: v for k, v in cfg["corpus"].items() if k != "spec"}}
-    if stage == "sentences":
-        return {"max_bytes": _section(cfg, "sentences").get("max_bytes", 256)}
-    if stage == "encoder":
-        return {"overrides": encoder_overrides(cfg)}
-    if stage == "embed":
-        return dict(_section(cfg, "embed"))
-    if stage == "rvq":
-        return dict(_section(cfg, "rvq"), seed=cfg["seed"])
-    if stage == "planner":
-        return {"overrides": planner_overrides(cfg)}
-    if stage == "renderer":
-        return {"overrides": renderer_overrides(cfg)}
-    if stage == "renderer-nocode":
-        return {"overrides": renderer_overrides(cfg, use_codes=False)}
-    if stage == "renderer-nar":
-        return {"overrides": nar_overrides(cfg), "reward_encoder": reward_encoder_overrides(cfg)}
-    if stage == "eval":
-        return dict(_section(cfg, "eval"), seed=cfg["seed"])
-    raise KeyError(stage)
-
-
-# ---- stage records and hashes -------------------------------------------------------------------------------
-
-
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-# Files whose bytes define each stage's result (logs, timings and checkpoints are left out).
-OUTPUT_GLOBS = {
-    "corpus": ["*.jsonl"],
-    "sentences": ["*.jsonl"],
-    "encoder": ["encoder.safetensors"],
-    "embed": ["*.npy"],
-    "rvq": ["rvq.safetensors", "rvq.json", "*_codes.npy"],
-    "planner": ["planner.safetensors", "predicted_*.npy"],
-    "renderer": ["renderer.safetensors"],
-    "renderer-nocode": ["renderer.safetensors"],
-    "renderer-nar": ["*.safetensors"],
-    "eval": ["eval.json"],
-}
-
-
-def _output_files(stage_dir: Path, stage: str) -> list[Path]:
-    return sorted({p for g in OUTPUT_GLOBS[stage] for p in stage_dir.glob(g) if p.is_file()})
-
-
-def stage_dir(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / stage
-
-
-def read_stage(run_dir: Path, stage: str) -> dict | None:
-    p = stage_dir(run_dir, stage) / STAGE_FILE
-    if not p.is_file():
-        return None
-    try:
-        rec = json.loads(p.read_text())
-    except ValueError:
-        return None
-    return rec if isinstance(rec, dict) and rec.get("stage") == stage else None
-
-
-def require_stage(run_dir: str | Path, stage: str) -> dict:
-    """The stage's record, or a one-line error naming the missing stage and how to make it."""
-    rec = read_stage(Path(run_dir), stage)
-    if rec is None:
-        raise SentcodeError(f"{run_dir}: stage {stage!r} has not been run (no {stage}/{STAGE_FILE}); run "
-                            f"`sentcode pipeline sentence --out {run_dir}` (or `--from {stage}`) first")
-    return rec
-
-
-def _versions() -> dict:
-    from sentcode.train.runinfo import git_commit
-
-    return {"sentcode": sentcode.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "git_commit": git_commit()}
-
-
-def stage_deps(cfg: dict, stage: str) -> tuple[str, ...]:
-    """The stages whose outputs ``stage`` reads: eval also reads the NAR renderer when it is enabled."""
-    if stage == "eval" and nar_enabled(cfg):
-        return DEPS[stage] + ("renderer-nar",)
-    return DEPS[stage]
-
-
-def input_hash(run_dir: Path, cfg: dict, stage: str) -> str:
-    upstream = {}
-    for dep in stage_deps(cfg, stage):
-        rec = require_stage(run_dir, dep)
-        upstream[dep] = [rec.get("input_hash"), rec.get("output_hash")]
-    return _sha256_json({"stage": stage, "config": stage_config(cfg, stage), "upstream": upstream})
-
-
-# ---- data passed between stages -----------------------------------------------------------------------------
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"missing {path}; rerun its stage")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-
-
-def read_sentences(run_dir: str | Path, split: str) -> list[list[str]]:
-    """Each document's sentences, in document order."""
-    return [r["sentences"] for r in _read_jsonl(stage_dir(Path(run_dir), "sentences") / f"{split}.jsonl")]
-
-
-def flatten(docs: list[list[str]]) -> list[str]:
-    return [s for d in docs for s in d]
-
-
-def per_doc(flat: np.ndarray, docs: list[list]) -> list[np.ndarray]:
-    """Cut a per-sentence array back into documents."""
-    ends = np.cumsum([len(d) for d in docs])
-    if len(flat) != (int(ends[-1]) if len(ends) else 0):
-        raise DataError(f"{len(flat)} rows for {int(ends[-1]) if len(ends) else 0} sentences: the stages disagree; "
-                        "rerun with --from embed")
-    return np.split(flat, ends[:-1])
-
-
-def read_codes(run_dir: str | Path, split: str) -> np.ndarray:
-    p = stage_dir(Path(run_dir), "rvq") / f"{split}_codes.npy"
-    if not p.is_file():
-        raise DataError(f"missing {p}; rerun the rvq stage (`sentcode rvq fit {run_dir}`)")
-    return np.load(p)
-
-
-def read_predicted(run_dir: str | Path, split: str) -> np.ndarray:
-    p = stage_dir(Path(run_dir), "planner") / f"predicted_{split}.npy"
-    if not p.is_file():
-        raise DataError(f"missing {p}; rerun the planner stage (`sentcode train planner {run_dir}`)")
-    return np.load(p)
-
-
-def build_rvq(meta: dict):
-    from sentcode.nn.rvq import ResidualVQ
-
-    return ResidualVQ(int(meta["dim"]), int(meta["levels"]), list(meta["codebook_sizes"]),
-                      normalize=meta.get("normalize"))
-
-
-def load_rvq(run_dir: str | Path, cfg: dict | None = None):
-    """The fitted quantizer of a pipeline run; its levels and codebook sizes must match ``cfg`` when given."""
-    from safetensors.torch import load_file
-
-    d = stage_dir(Path(run_dir), "rvq")
-    meta_p, st = d / "rvq.json", d / "rvq.safetensors"
-    if not meta_p.is_file() or not st.is_file():
-        raise SentcodeError(f"{run_dir}: stage 'rvq' has no fitted quantizer (rvq.json/rvq.safetensors); run "
-                            f"`sentcode rvq fit {run_dir}`")
-    meta = json.loads(meta_p.read_text())
-    if cfg is not None:
-        K, V = _levels(cfg)
-        if meta["levels"] != K or list(meta["codebook_sizes"]) != V:
-            raise SentcodeError(
-                f"{run_dir}: the rvq stage has K={meta['levels']} levels of sizes {meta['codebook_sizes']} but the "
-                f"config asks for K={K} of sizes {V}; rerun from the rvq stage (--from rvq)")
-    rvq = build_rvq(meta)
-    try:
-        state = load_file(str(st))
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise SentcodeError(f"cannot read {st}: {type(e).__name__}") from None
-    try:
-        rvq.load_state_dict(state)
-    except (ValueError, RuntimeError) as e:
-        raise SentcodeError(f"{st} does not match {meta_p}: {str(e).splitlines()[0]}") from None
-    return rvq.eval()
-
-
-@torch.no_grad()
-def encode_codes(rvq, emb: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """Codes [N, K] (int64) and residuals e - decode(codes) [N, d] (float32) of embeddings [N, d]."""
-    from sentcode.models.sentence.planner import split_embeddings
-
-    codes, res = [], []
-    for s in range(0, len(emb), chunk):
-        c, r = split_embeddings(rvq, torch.from_numpy(np.array(emb[s : s + chunk], dtype=np.float32)))
-        codes.append(c.numpy())
-        res.append(r.numpy())
-    K, d = rvq.levels, rvq.dim
-    return (np.concatenate(codes) if codes else np.zeros((0, K), np.int64),
-            np.concatenate(res).astype(np.float32) if res else np.zeros((0, d), np.float32))
+from sentcode.runs.parts import load_encoder, load_planner
+from sentcode.runs.staged_config import (
+    FAMILY, SPLITS, STAGE_FILE, STAGES, _levels, _section, encoder_overrides,
+    nar_enabled, nar_overrides, planner_overrides, read_run_config, renderer_overrides, reward_encoder_overrides,
+    stage_config, validate_pipeline_config,
+)
+from sentcode.runs.staged_store import (
+    _output_files, _read_jsonl, _save_npy, _sha256_files, _versions, _write_jsonl, build_rvq, encode_codes, flatten,
+    input_hash, load_rvq, per_doc, read_codes, read_predicted, read_sentences, read_stage, require_stage, stage_dir,
+)
 
 
 @torch.no_grad()
@@ -533,7 +134,6 @@ def stage_encoder(ctx: _Ctx) -> dict:
 
 def stage_embed(ctx: _Ctx) -> dict:
     from sentcode.data.embeddings import write_embeddings
-    from sentcode.train.encoder import load_encoder
 
     enc = load_encoder(ctx.dir("encoder"), device=_infer_device(ctx.device))
     bs = int(_section(ctx.cfg, "embed").get("batch_size", 128))
@@ -599,7 +199,7 @@ def _docs_codes(run_dir: Path, split: str):
 
 
 def stage_planner(ctx: _Ctx) -> dict:
-    from sentcode.train.planner import load_planner, train_planner
+    from sentcode.train.planner import train_planner
 
     load_rvq(ctx.run_dir, ctx.cfg)  # fails early, with a clear message, if the codes are from another K/V
     _, train_codes = _docs_codes(ctx.run_dir, "train")
@@ -651,47 +251,14 @@ def stage_renderer_nocode(ctx: _Ctx) -> dict:
     return _train_render(ctx, "renderer-nocode", False)
 
 
-def nar_module():
-    """``sentcode.train.renderer_nar`` if it is importable and has ``train_nar_renderer``, else None."""
-    try:
-        from sentcode.train import renderer_nar
-    except ImportError:
-        return None
-    return renderer_nar if hasattr(renderer_nar, "train_nar_renderer") else None
-
-
-def nar_overrides(cfg: dict) -> list[str]:
-    K, V = _levels(cfg)
-    m = dict(_section(cfg, "renderer_nar", "model"))
-    _no_residual(m, "renderer_nar.model")
-    for k in ("levels", "codebook_sizes", "d_emb"):
-        if k in m:
-            raise ConfigError(f"renderer_nar.model.{k} is set by the pipeline; it cannot be overridden here")
-    d_emb = _section(cfg, "encoder", "model").get("d_emb", 128)
-    return (_flat("renderer", m) + [f"renderer.levels={K}", f"renderer.codebook_sizes={json.dumps(V)}",
-                                     f"renderer.d_emb={d_emb}", "renderer.use_residual=false"]
-            + _flat("train", _section(cfg, "renderer_nar", "train"))
-            + [f"train.seq_len={m.get('max_bytes', 128)}", f"train.seed={cfg['seed']}"] + _budget(cfg, "renderer_nar"))
-
-
-def reward_encoder_overrides(cfg: dict) -> list[str]:
-    # The NAR renderer's reward should measure surface similarity ("same" objective), and it must not be the
-    # encoder the codes came from: that one is the judge of its evaluations.
-    steps = _section(cfg, "renderer_nar").get("reward_encoder_steps", 200)
-    return [o for o in encoder_overrides(cfg) if not o.startswith(("train.max_steps=", "train.time_budget_s="))] + [
-        'encoder.objective="same"', f"train.max_steps={steps}", f"train.seed={cfg['seed'] + 1}"]
-
-
 def stage_renderer_nar(ctx: _Ctx) -> dict:
     """The optional NAR renderer: a reward encoder ("same" objective) is trained first, in
     ``renderer-nar/reward-encoder``; the pipeline's encoder is the judge of the NAR run's evaluations. The
     NAR renderer is trained and stored, but not yet part of the evaluation or of generation."""
-    from sentcode.train.encoder import load_encoder, train_encoder
+    from sentcode.train.encoder import train_encoder
 
-    mod = nar_module()
-    if mod is None:
-        raise SentcodeError("stage 'renderer-nar' needs sentcode.train.renderer_nar.train_nar_renderer, which is "
-                            "not available in this version; set renderer_nar.enabled=false")
+    from sentcode.train import renderer_nar as mod
+
     d = ctx.dir("renderer-nar")
     dev = _infer_device(ctx.device)
     rs = train_encoder(read_sentences(ctx.run_dir, "train"), read_sentences(ctx.run_dir, "val"), d / "reward-encoder",
@@ -710,8 +277,9 @@ def stage_renderer_nar(ctx: _Ctx) -> dict:
 
 def stage_eval(ctx: _Ctx) -> dict:
     from sentcode.eval.sentence import evaluate_sentence_run
+    from sentcode.infer.sentence import load_sentence
 
-    result = evaluate_sentence_run(ctx.run_dir, split="test", cfg=ctx.cfg, progress=bool(ctx.progress))
+    result = evaluate_sentence_run(load_sentence(ctx.run_dir), split="test", progress=bool(ctx.progress))
     write_json(ctx.dir("eval") / "eval.json", result)
     keep = ("bpb", "plan_bits", "render_bits", "render_bpb", "bytes", "sentences", "judge")
     return {k: result[k] for k in keep if k in result}
@@ -787,7 +355,7 @@ def run_pipeline(corpus="sotu", out="runs/sentence", preset: str = "staged-tiny"
         raise ConfigError(f"preset {preset!r} is not a sentence pipeline preset (family {data.get('family')!r}); "
                           "use staged-tiny, staged-small or a file with family: sentence")
     data.setdefault("corpus", {})["spec"] = corpus
-    _apply_overrides(data, list(overrides or []))
+    apply_overrides(data, list(overrides or []))
     cfg = validate_pipeline_config(data)
     stages = active_stages(cfg)
     if from_stage is not None and from_stage not in stages:

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import sentcode
 from sentcode.infer.batch import BatchRequest
+from sentcode.registry import family_of
 from sentcode.serve.config import SENTENCE_CAP, ServeConfig
 from sentcode.serve.schemas import (
     ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest, TokenizeRequest,
@@ -225,7 +226,8 @@ class Ticket:
 class State:
     def __init__(self, gen, cfg: ServeConfig, worker: Worker):
         self.gen, self.cfg, self.worker = gen, cfg, worker
-        self.family = getattr(gen, "family", "lm")
+        fam = family_of(gen)
+        self.family, self.label, self.by_sentence = fam.name, fam.label, fam.steps_by_sentence
         self.name = cfg.model_name or (gen.run_dir.name if getattr(gen, "run_dir", None) else "sentcode")
         self.created = int(time.time())
         self.capacity = worker.slots + cfg.max_queue
@@ -264,13 +266,13 @@ class State:
                            "(--max-prompt-bytes)", param, "prompt_too_long")
 
     def length_cap(self) -> int:
-        return self.cfg.max_tokens if self.family == "lm" else min(self.cfg.max_tokens, SENTENCE_CAP)
+        return self.cfg.max_tokens if not self.by_sentence else min(self.cfg.max_tokens, SENTENCE_CAP)
 
     def max_tokens(self, value: int | None, param: str = "max_tokens") -> int:
         if value is None:
-            return min(DEFAULT_FLAT_TOKENS if self.family == "lm" else DEFAULT_SENTENCES, self.length_cap())
+            return min(DEFAULT_FLAT_TOKENS if not self.by_sentence else DEFAULT_SENTENCES, self.length_cap())
         if value > self.length_cap():
-            unit = "tokens" if self.family == "lm" else "sentences"
+            unit = "tokens" if not self.by_sentence else "sentences"
             raise ApiError(400, f"invalid '{param}': at most {self.length_cap()} {unit} per request on this server",
                            param, "max_tokens_too_large")
         return value
@@ -284,7 +286,7 @@ class State:
         elif len(item) > self.cfg.max_prompt_bytes:
             raise ApiError(400, f"{param} is {len(item)} tokens; the limit is {self.cfg.max_prompt_bytes} "
                            "(--max-prompt-bytes)", param, "prompt_too_long")
-        if self.family != "lm":
+        if self.by_sentence:
             if not isinstance(item, str):
                 raise ApiError(400, "token-id prompts need a flat LM run; send text", param, "unsupported")
             return Prompt(item, item, None, False, len(self.gen.split(item)) if item.strip() else 0)
@@ -318,7 +320,7 @@ class State:
     def generation_job(self, channel: Channel, prompt: "Prompt", n: int, *, temperature: float, top_p, top_k, seed,
                        stops=(), logprobs: int | None = None, sentences: int | None = None, rerank: int | None = None,
                        sep_first: bool = True, index: int = 0):
-        if self.family == "lm":
+        if not self.by_sentence:
             req = BatchRequest(prompt.ids, n, temperature=temperature, top_k=top_k or None,
                                top_p=None if top_p is None or top_p >= 1 else top_p, seed=seed,
                                stop_ids=(self.gen.tokenizer.eos_id,), logprobs=logprobs)
@@ -386,10 +388,10 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
     cfg.check()
     worker = worker or Worker(gen, cfg.max_batch).start()
     st = State(gen, cfg, worker)
-    unit = "tokens" if st.family == "lm" else "sentences"
+    unit = "tokens" if not st.by_sentence else "sentences"
     app = FastAPI(
         title="sentcode", version=sentcode.__version__,
-        description=f"Serving `{st.name}` ({'flat LM' if st.family == 'lm' else 'sentence-step LM'}). "
+        description=f"Serving `{st.name}` ({st.label}). "
                     f"`max_tokens` counts {unit}. Errors: "
                     '`{"error": {"message", "type", "param", "code"}}`.',
     )
@@ -479,7 +481,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
     async def models():
         card = {"id": st.name, "object": "model", "created": st.created, "owned_by": "sentcode",
                 "family": st.family, "max_tokens": st.length_cap(), "token_unit": unit}
-        if st.family == "lm":
+        if not st.by_sentence:
             card["context"] = gen.context
         return {"object": "list", "data": [card]}
 
@@ -488,7 +490,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
     special = re.compile("|".join(re.escape(n) for n in SPECIAL_NAMES))
 
     def flat_tokenizer():
-        if st.family != "lm":
+        if st.by_sentence:
             raise ApiError(400, "a sentence-step run has no token vocabulary (it reads and writes text)", None,
                            "unsupported")
         return gen.tokenizer
@@ -538,7 +540,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                            "different values", "steps", "conflicting_fields")
         n = body.max_sentences or body.steps or 1
         param = "max_sentences" if body.max_sentences is not None else "steps"
-        cap = SENTENCE_CAP if st.family == "lm" else st.length_cap()
+        cap = SENTENCE_CAP if not st.by_sentence else st.length_cap()
         if n > cap:
             raise ApiError(400, f"invalid '{param}': at most {cap} sentences", param, "too_many_sentences")
         prompt = st.prompt(body.prompt)
@@ -551,7 +553,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
 
         async def go(ticket: Ticket):
             channel = Channel(asyncio.get_running_loop())
-            if st.family == "lm":
+            if not st.by_sentence:
                 budget = min(st.cfg.max_tokens, n * SENTENCE_BYTES)
                 job = st.generation_job(channel, prompt, budget, temperature=temperature if sample else 0.0,
                                         top_p=p and p.top_p, top_k=p and p.top_k, seed=seed, sentences=n)
@@ -561,7 +563,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
             st.submit(ticket, job)
             got = (await collect(channel, request, {0: {"done"}}))[0]
             completion, done = got["text"], got["done"]
-            if st.family == "lm":
+            if not st.by_sentence:
                 from sentcode.corpus.sentences import split_sentences
 
                 sentences = split_sentences(completion, SENTENCE_BYTES) if completion.strip() else []
@@ -572,7 +574,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                     "usage": _usage(done.prompt_tokens, done.completion_tokens),
                     "meta": {"family": st.family, "max_sentences": n, "sample": sample,
                              "temperature": temperature if sample else 0.0, "seed": seed,
-                             "rerank": (rerank if rerank is not None else st.gen.default_rerank) if st.family != "lm" else None}}
+                             "rerank": (rerank if rerank is not None else st.gen.default_rerank) if st.by_sentence else None}}
 
         return await run(go, request)
 
@@ -582,7 +584,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
         scoring = body.echo and body.logprobs is not None
         prompts = [st.prompt(item, "prompt" if len(body.prompt) == 1 else f"prompt[{i}]", generate=n > 0,
                              score=scoring) for i, item in enumerate(body.prompt)]
-        if body.logprobs is not None and st.family != "lm" and not body.echo:
+        if body.logprobs is not None and st.by_sentence and not body.echo:
             raise ApiError(400, "per-token log-probs are not defined for sentence-step runs (they write whole "
                            "sentences, not tokens)", "logprobs", "unsupported")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -687,10 +689,10 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                            "values", "max_tokens", "conflicting_fields")
         n = st.max_tokens(body.max_tokens if body.max_tokens is not None else body.max_completion_tokens,
                           "max_tokens" if body.max_tokens is not None else "max_completion_tokens")
-        if body.logprobs and st.family != "lm":
+        if body.logprobs and st.by_sentence:
             raise ApiError(400, "per-token log-probs are not defined for sentence-step runs (they write whole "
                            "sentences, not tokens)", "logprobs", "unsupported")
-        prompt = st.prompt(chat_prompt([m.content for m in body.messages], st.family), "messages")
+        prompt = st.prompt(chat_prompt([m.content for m in body.messages], st.by_sentence), "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -750,8 +752,8 @@ def _score(gen, text: str, top: int) -> list[dict]:
     return token_logprobs(gen, text, top=top)
 
 
-def chat_prompt(contents: list[str], family: str) -> str:
+def chat_prompt(contents: list[str], by_sentence: bool) -> str:
     """The prompt a base model continues: the messages' texts joined by single spaces (these models have
     no chat template). A flat LM gets a trailing space, so that the reply starts a new word."""
     text = " ".join(c.strip() for c in contents if c and c.strip())
-    return text + " " if family == "lm" and text else text
+    return text + " " if not by_sentence and text else text

@@ -24,6 +24,7 @@ import sys
 from typing import TextIO
 
 from sentcode.errors import SentcodeError
+from sentcode.registry import family_of
 
 PROMPT = "> "
 HISTORY_CHARS = 65536  # a sentence run reads a few sentences: no need to re-split a whole long conversation
@@ -57,7 +58,7 @@ class Chat:
     def __init__(self, gen, temperature: float = 0.8, max_len: int | None = None, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, out: TextIO | None = None):
         self.gen = gen
-        self.sentence = getattr(gen, "family", "lm") != "lm"
+        self.sentence = family_of(gen).steps_by_sentence
         self.temperature = temperature
         self.max_len = max_len if max_len is not None else (3 if self.sentence else 200)
         self.top_k, self.top_p, self.seed = top_k, top_p, seed
@@ -180,7 +181,7 @@ def run_chat(run_dir, temperature: float = 0.8, max_len: int | None = None, top_
              top_p: float | None = None, seed: int | None = None) -> int:
     """Load a run and chat with it on the terminal; returns the exit status."""
     import sentcode
-    from sentcode.infer.sampling import check_sampling
+    from sentcode.nn.sampling import check_sampling
 
     check_sampling(temperature, top_k, top_p)
     # Ctrl+C must stop a reply even when the chat was started from a context that ignores SIGINT (a process

@@ -85,7 +85,7 @@ def run_server(run_dir: str | Path, cfg: ServeConfig | None = None, log_level: s
     app = _prepare(run_dir, cfg)
     st = app.state.sentcode
     host, port = sock.getsockname()[:2]
-    print(f"serving {st.name} ({'flat LM' if st.family == 'lm' else 'sentence-step LM'}) on http://{host}:{port} "
+    print(f"serving {st.name} ({st.label}) on http://{host}:{port} "
           f"(docs at /docs); Ctrl+C stops", flush=True)
     server = _server_class()(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30))
     server.run(sockets=[sock])

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from sentcode.errors import SentcodeError
 from sentcode.infer.batch import BatchDecoder, BatchRequest, TokenEvent
+from sentcode.registry import family_of
 
 log = logging.getLogger("sentcode.serve")
 
@@ -306,8 +307,8 @@ class Worker:
 
     def __init__(self, gen, max_batch: int = 8):
         self.gen = gen
-        self.family = getattr(gen, "family", "lm")
-        self.engine = BatchDecoder(gen.model, max_batch) if self.family == "lm" else None
+        self.by_sentence = family_of(gen).steps_by_sentence
+        self.engine = None if self.by_sentence else BatchDecoder(gen.model, max_batch)
         self.inbox: queue.Queue = queue.Queue()
         self.pending: deque[FlatJob] = deque()  # flat jobs waiting for a free row
         self.active: dict[int, FlatJob] = {}  # batch handle -> job

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 
 from sentcode.data.embeddings import sentences_sha256
 from sentcode.errors import DataError
-from sentcode.models.sentence.config import FAMILY, EncoderConfig, EncoderRunConfig, load_encoder_config
+from sentcode.models.sentence.config import EncoderConfig, EncoderRunConfig, load_encoder_config
 from sentcode.models.sentence.encoder import ByteSentenceEncoder, collate_bytes
-from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import check_resume, load_weights, read_run_config, train_and_export
+from sentcode.runs.info import write_run_files
+from sentcode.runs.parts import ENCODER_WEIGHTS
+from sentcode.train.runs import check_resume, train_and_export
 from sentcode.train.loop import TrainTask
 
-WEIGHTS = "encoder.safetensors"
+WEIGHTS = ENCODER_WEIGHTS
 EVAL_MAX_PAIRS = 4096
 _VAL_STREAM = 2**31 - 1  # an RNG stream id no training step uses (steps count from 0 upwards)
 
@@ -284,11 +285,3 @@ def train_encoder(
     write_encoder_run_header(run_dir, cfg, sentences_train, sentences_val)
     return train_and_export(run_dir, cfg, lambda info, dev: build_encoder_task(cfg, train_corpus, val, info, dev), WEIGHTS,
                             resume=resume_path, device=device, progress=progress, stop_at=stop_at)
-
-
-
-def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> ByteSentenceEncoder:
-    """The trained encoder of a run directory, in eval mode: its exported weights, or else its latest
-    checkpoint (a run that was interrupted)."""
-    cfg = read_run_config(run_dir, FAMILY, EncoderRunConfig)
-    return load_weights(ByteSentenceEncoder(cfg.encoder), run_dir, WEIGHTS).to(device).eval()

@@ -11,9 +11,9 @@ from sentcode.config import LMConfig, load_config
 from sentcode.data import DataDir, WindowLoader
 from sentcode.eval.bpb import evaluate_bpb
 from sentcode.models.lm import LM, next_token_loss
-from sentcode.train import checkpoint as ckpt_io
+from sentcode.runs import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask
-from sentcode.train.runinfo import write_run_files
+from sentcode.runs.info import write_run_files
 from sentcode.train.runs import check_resume, train_and_export
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from sentcode.config import TrainConfig
 from sentcode.errors import CheckpointError, ConfigError
 from sentcode.io import write_text
-from sentcode.train import checkpoint as ckpt_io
+from sentcode.runs import checkpoint as ckpt_io
 from sentcode.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from sentcode.train.precision import autocast, peak_flops, pick_device, resolve_precision
 from sentcode.train.progress import Progress

@@ -20,18 +20,19 @@ import torch
 
 from sentcode.errors import DataError
 from sentcode.models.sentence.planner import (
-    FAMILY, Planner, PlannerConfig, PlannerRunConfig, PlannerTrainConfig, load_planner_config,
+    Planner, PlannerConfig, PlannerRunConfig, PlannerTrainConfig, load_planner_config,
 )
 from sentcode.train.loop import TrainTask
-from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import check_resume, load_weights, read_run_config, train_and_export
+from sentcode.runs.info import write_run_files
+from sentcode.runs.parts import PLANNER_WEIGHTS
+from sentcode.train.runs import check_resume, train_and_export
 
 __all__ = [
     "PlanBatch", "PlanBatches", "PlanDocs", "PlanEval", "PlannerRunConfig", "PlannerTrainConfig",
-    "build_planner_task", "load_planner", "train_planner",
+    "build_planner_task", "train_planner",
 ]
 
-WEIGHTS = "planner.safetensors"
+WEIGHTS = PLANNER_WEIGHTS
 EVAL_BATCH = 16
 
 
@@ -321,11 +322,3 @@ def train_planner(
     write_run_files(run_dir, cfg, train_corpus=train.info(), val_corpus=val_set.info())
     return train_and_export(run_dir, cfg, lambda info, dev: build_planner_task(cfg, train, val, info, dev), WEIGHTS,
                             resume=resume_path, device=device, progress=progress, stop_at=stop_at)
-
-
-
-def load_planner(run_dir: str | Path, device: str | torch.device = "cpu") -> Planner:
-    """The trained planner of a run directory, in eval mode: its exported weights, or else its latest
-    checkpoint (a run that was interrupted)."""
-    cfg = read_run_config(run_dir, FAMILY, PlannerRunConfig)
-    return load_weights(Planner(cfg.planner), run_dir, WEIGHTS).to(device).eval()

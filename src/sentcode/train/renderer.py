@@ -25,18 +25,18 @@ import torch
 from sentcode.data.embeddings import sentences_sha256
 from sentcode.errors import ConfigError, DataError
 from sentcode.models.sentence.renderer import (
-    FAMILY, ARRenderer, RenderBatch, RendererConfig, RendererRunConfig, collate_render, load_renderer_config, tail,
+    ARRenderer, RenderBatch, RendererConfig, RendererRunConfig, collate_render, load_renderer_config, tail,
 )
 from sentcode.train.loop import TrainTask
-from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import check_resume, load_weights, read_run_config, train_and_export
+from sentcode.runs.info import write_run_files
+from sentcode.runs.parts import RENDERER_WEIGHTS
+from sentcode.train.runs import check_resume, train_and_export
 
 __all__ = [
     "RenderDoc", "RenderBatches", "ValRender", "RendererRunConfig", "build_renderer_task", "train_renderer",
-    "load_renderer",
 ]
 
-WEIGHTS = "renderer.safetensors"
+WEIGHTS = RENDERER_WEIGHTS
 _FIELDS = ("sentences", "codes", "residual", "predicted_codes", "predicted_residual")
 
 
@@ -338,11 +338,3 @@ def train_renderer(
     write_run_files(run_dir, cfg, train_corpus=_corpus_info(train_docs), val_corpus=_corpus_info(val_docs))
     return train_and_export(run_dir, cfg, lambda info, dev: build_renderer_task(cfg, train, val, info, dev, codebooks), WEIGHTS,
                             resume=resume_path, device=device, progress=progress, stop_at=stop_at)
-
-
-
-def load_renderer(run_dir: str | Path, device: str | torch.device = "cpu") -> ARRenderer:
-    """The trained renderer of a run directory, in eval mode: its exported weights, or else its latest
-    checkpoint (a run that was interrupted)."""
-    cfg = read_run_config(run_dir, FAMILY, RendererRunConfig)
-    return load_weights(ARRenderer(cfg.renderer), run_dir, WEIGHTS).to(device).eval()

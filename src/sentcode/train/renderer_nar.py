@@ -41,23 +41,24 @@ import torch.nn.functional as F
 
 from sentcode.data.embeddings import sentences_sha256
 from sentcode.errors import ConfigError, DataError
-from sentcode.infer.sampling import make_generator
+from sentcode.nn.sampling import make_generator
 from sentcode.models.sentence.encoder import BOS_ID, PAD_ID, ByteSentenceEncoder
 from sentcode.models.sentence.renderer_nar import (
-    FAMILY, NARRenderer, NARRendererConfig, NARRunConfig, NARTrainConfig, collate_context, load_nar_config,
+    NARRenderer, NARRendererConfig, NARRunConfig, NARTrainConfig, collate_context, load_nar_config,
 )
 from sentcode.nn import rope_cos_sin
 from sentcode.train.loop import TrainTask
 from sentcode.train.renderer import check_array
-from sentcode.train.runinfo import write_run_files
-from sentcode.train.runs import check_resume, load_weights, read_run_config, train_and_export
+from sentcode.runs.info import write_run_files
+from sentcode.runs.parts import NAR_WEIGHTS
+from sentcode.train.runs import check_resume, train_and_export
 
 __all__ = [
     "NARRunConfig", "NARBatches", "SentenceReward", "ValNAR", "repetition_score", "build_nar_task",
-    "train_nar_renderer", "load_nar_renderer",
+    "train_nar_renderer",
 ]
 
-WEIGHTS = "renderer_nar.safetensors"
+WEIGHTS = NAR_WEIGHTS
 _FIELDS = ("sentences", "codes", "residual")
 _IGNORED = ("predicted_codes", "predicted_residual")  # the AR renderer's; harmless here
 
@@ -511,11 +512,3 @@ def train_nar_renderer(
                     judge_sha256=_state_sha256(judge_encoder))
     return train_and_export(run_dir, cfg, lambda info, dev: build_nar_task(cfg, train, val, reward_encoder, judge_encoder, info, dev), WEIGHTS,
                             resume=resume_path, device=device, progress=progress, stop_at=stop_at)
-
-
-
-def load_nar_renderer(run_dir: str | Path, device: str | torch.device = "cpu") -> NARRenderer:
-    """The trained NAR renderer of a run directory, in eval mode: its exported weights, or else its latest
-    checkpoint (a run that was interrupted)."""
-    cfg = read_run_config(run_dir, FAMILY, NARRunConfig)
-    return load_weights(NARRenderer(cfg.renderer), run_dir, WEIGHTS).to(device).eval()

@@ -1,66 +1,18 @@
-"""Run-directory plumbing shared by every family: rank check, weight export, loading a trained model."""
+"""Training-side run plumbing shared by every family: rank check, train then export, resume checks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import yaml
-
-from sentcode.config import config_from_dict
-from sentcode.errors import CheckpointError, SentcodeError
-from sentcode.io import atomic_path
-from sentcode.train import checkpoint as ckpt_io
+from sentcode.errors import SentcodeError
+from sentcode.runs import checkpoint as ckpt_io
+from sentcode.runs.weights import export_weights
 
 
 def is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def export_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Final weights as safetensors (shared tensors stored once), written atomically."""
-    from safetensors.torch import save_model
-
-    with atomic_path(Path(path)) as tmp:
-        save_model(ckpt_io.unwrap(model), str(tmp))
-
-
-def read_run_config(run_dir: str | Path, family: str, cls):
-    """The validated config of a run directory, checking that it holds a run of ``family``."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a training run (no config.yaml)")
-    try:
-        data = yaml.safe_load(cfg_path.read_text()) or {}
-    except yaml.YAMLError:
-        raise CheckpointError(f"{cfg_path} is not valid YAML") from None
-    found = data.get("family") if isinstance(data, dict) else None
-    if found != family:
-        raise CheckpointError(f"{run_dir} is a {found!r} run, not a {family} run")
-    return config_from_dict(data, cls=cls)
-
-
-def load_weights(model: torch.nn.Module, run_dir: str | Path, weights_name: str) -> torch.nn.Module:
-    """Fill ``model`` from the run's exported weights, or else its latest checkpoint (an interrupted run)."""
-    run_dir = Path(run_dir)
-    weights = run_dir / weights_name
-    if weights.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(weights))
-        except Exception as e:  # safetensors raises its own error types for truncated files
-            raise CheckpointError(f"cannot read {weights}: {type(e).__name__}") from None
-        ckpt_io.load_model_state(model, state, str(weights))
-    else:
-        latest = ckpt_io.latest_checkpoint(run_dir)
-        if latest is None:
-            raise CheckpointError(f"{run_dir} has neither {weights_name} nor a checkpoint to load")
-        ckpt_io.load_model_state(model, ckpt_io.load_checkpoint(latest)["model"], str(latest))
-    return model
 
 
 def train_and_export(run_dir: str | Path, cfg, build_task, weights_name: str, resume: Path | None = None,

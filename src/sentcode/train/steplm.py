@@ -13,9 +13,9 @@ from sentcode.config import load_config
 from sentcode.data.segments import RowSource, SegmentSplit
 from sentcode.io import write_json
 from sentcode.models.sentence.steplm import FAMILY, StepLM, StepLMConfig
-from sentcode.train import checkpoint as ckpt_io
+from sentcode.runs import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask
-from sentcode.train.runinfo import write_run_files
+from sentcode.runs.info import write_run_files
 from sentcode.train.runs import check_resume, train_and_export
 
 SPLITS = ("train", "val", "test")
@@ -94,11 +94,11 @@ def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny"
                                stop_at=stop_at)
     if summary["status"] == "completed" and evaluate_test:
         from sentcode.eval.steplm import evaluate_segments
-        from sentcode.infer.steplm import load_steplm
+        from sentcode.runs.weights import load_weights
 
-        g = load_steplm(run_dir)
+        model = load_weights(StepLM(cfg.model), run_dir, "model.safetensors")  # what `sentcode.load` will read
         result = {"family": FAMILY, "source": f"test split of {corpus}",
-                  **evaluate_segments(g.model, SegmentSplit.load(run_dir / "data" / "test.npz"), g.device)}
+                  **evaluate_segments(model, SegmentSplit.load(run_dir / "data" / "test.npz"), "cpu")}
         write_json(run_dir / "eval.json", result)
         summary["eval"] = result
     return summary

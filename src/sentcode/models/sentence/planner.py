@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from sentcode.config import ModelConfig, TrainConfig
 from sentcode.errors import ConfigError, SentcodeError
-from sentcode.infer.sampling import check_sampling, sample_next as sample_logits
+from sentcode.nn.sampling import check_sampling, sample_next as sample_logits
 from sentcode.models.lm import Block
 from sentcode.nn import RMSNorm, SwiGLU, rope_cos_sin
 
@@ -342,7 +342,7 @@ class Planner(nn.Module):
         None, logprob [B]).
 
         history_codes [B, S, K] (S may be 0: the documents' first sentence). Levels are sampled in order,
-        each with ``sentcode.infer.sampling.sample_next``; temperature 0 is greedy per level. ``logprob`` is
+        each with ``sentcode.nn.sampling.sample_next``; temperature 0 is greedy per level. ``logprob`` is
         each tuple's log-probability in nats under the model itself (temperature 1, no filtering), i.e. its
         plan code length. The residual is the head's prediction; append it with the codes to the history.
 

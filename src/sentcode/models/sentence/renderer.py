@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from sentcode.config import ModelConfig, TrainConfig
 from sentcode.errors import ConfigError, SentcodeError
-from sentcode.infer.sampling import check_sampling, make_generator, sample_next
+from sentcode.nn.sampling import check_sampling, make_generator, sample_next
 from sentcode.models.lm import Block
 from sentcode.nn import LayerCache, RMSNorm, rope_cos_sin
 
@@ -343,7 +343,7 @@ class ARRenderer(nn.Module):
 
         codes [K] (or [1, K]; ignored without use_codes), residual [d_emb] or None. Each candidate stops at
         EOS or after ``max_bytes`` bytes (default and limit: ``max_sentence_bytes``). Sampling goes through
-        ``sentcode.infer.sampling.sample_next`` (temperature 0 is greedy); each candidate's log-prob is under
+        ``sentcode.nn.sampling.sample_next`` (temperature 0 is greedy); each candidate's log-prob is under
         the model itself (temperature 1, no filtering), its EOS included when it reached one, for reranking.
         """
         cfg = self.cfg

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from sentcode.config import TrainConfig
 from sentcode.errors import ConfigError, SentcodeError
-from sentcode.infer.sampling import make_generator
+from sentcode.nn.sampling import make_generator
 from sentcode.nn import CausalSelfAttention, RMSNorm, SwiGLU, rope_cos_sin
 
 FAMILY = "sentence-renderer-nar"
