@@ -125,16 +125,22 @@ class StepLMGenerator:
         logits = self.model.render(x, state.cond.expand(1, len(ids), -1), state.render_pos, state.render_cache)
         state.render_pos += len(ids)
         trim_cache(state.render_cache, self.model.cfg.window)
-        state.stream = (state.stream + ids)[-(self.model.cfg.window + self.max_bytes + 1):]
+        state.stream.extend(ids)  # read from its end only; cut back now and then, not copied at every byte
+        keep = self.model.cfg.window + self.max_bytes + 1
+        if len(state.stream) > 4 * keep:
+            del state.stream[:-keep]
         return logits[:, -1]
 
-    def _write(self, state: _State, prefix: bytes, temperature, top_k, top_p, gen) -> tuple[bytes, float]:
-        """Write the rest of the current segment after ``prefix``: (bytes written, log-prob in nats)."""
+    def _write(self, state: _State, prefix: bytes, temperature, top_k, top_p, gen,
+               score: bool = True) -> tuple[bytes, float]:
+        """Write the rest of the current segment after ``prefix``: (bytes written, log-prob in nats, or 0.0
+        when not ``score``: only reranking reads it)."""
         logits = self._feed(state, [BOS] + list(prefix))
         out, lp = bytearray(), 0.0
         while len(prefix) + len(out) < self.max_bytes:
             nxt = int(sample_next(logits, temperature, top_k, top_p, generator=gen)[0])
-            lp += float(torch.log_softmax(logits.float(), -1)[0, nxt])
+            if score:
+                lp += float(torch.log_softmax(logits.float(), -1)[0, nxt])
             if nxt >= 256:  # the end-of-segment symbol (BOS and PAD are never targets)
                 break
             out.append(nxt)
@@ -165,7 +171,7 @@ class StepLMGenerator:
         best = None
         for _ in range(n if self.codes else 1):
             cand = state.fork()
-            text, lp = self._write(cand, prefix, temperature, top_k, top_p, gen)
+            text, lp = self._write(cand, prefix, temperature, top_k, top_p, gen, score=n > 1 and self.codes)
             seg = prefix + text
             e, pooled = self._encode(cand, seg, written=True)
             key = (0.0, lp / (len(text) + 1))
