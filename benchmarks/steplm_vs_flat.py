@@ -3,8 +3,10 @@ trained at once (one thread each, side by side), then test bits per byte on the 
 generation speed (both with their KV caches, 2 threads, one after the other, median of 3 after a warm-up).
 
     python benchmarks/steplm_vs_flat.py --minutes 5 [--set model.levels=4 ...] [--name NAME]
+    python benchmarks/steplm_vs_flat.py --blind NAME [--work DIR]   # add the renderer-alone figure to an earlier result
 
-Writes benchmarks/results/NAME.json and prints a table.
+Writes benchmarks/results/NAME.json and prints a table. The renderer-alone figure (planner states shuffled
+across segments, no codes) says what the planner's state tells the renderer.
 """
 
 from __future__ import annotations
@@ -54,6 +56,31 @@ def speed(fn, runs: int = 3) -> float:
     return statistics.median(rates)
 
 
+def blind_bpb(run_dir: Path) -> float:
+    """Test bpb of the run's renderer with planner states shuffled across segments and no codes."""
+    import torch
+
+    import sentcode
+    from sentcode.data.segments import SegmentSplit
+    from sentcode.eval.steplm import evaluate_segments
+
+    torch.set_num_threads(2)
+    g = sentcode.load(run_dir)
+    return evaluate_segments(g.model, SegmentSplit.load(run_dir / "data" / "test.npz"), g.device,
+                             modes=("blind",))["render_bpb_blind"]
+
+
+def add_blind(name: str, work: str) -> None:
+    from common import RESULTS
+
+    path = RESULTS / f"{name}.json"
+    out = json.loads(path.read_text())
+    work = Path(out.get("work", work))  # older results did not record their work directory
+    out["rows"]["steplm"]["bpb_renderer_alone"] = b = blind_bpb(work / "steplm")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"{name}: renderer alone {b:.4f} bpb against {out['rows']['steplm']['bpb']:.4f} with the planner")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=5.0)
@@ -65,7 +92,10 @@ def main() -> None:
     ap.add_argument("--work", default="benchmarks/work/steplm_vs_flat")
     ap.add_argument("--name", default="steplm_vs_flat")
     ap.add_argument("--role", choices=["flat", "steplm"], help=argparse.SUPPRESS)
+    ap.add_argument("--blind", metavar="NAME", help="add the renderer-alone test bpb to results/NAME.json")
     args = ap.parse_args()
+    if args.blind:
+        return add_blind(args.blind, args.work)
     work = Path(args.work)
     if args.role == "flat":
         return train_flat(work, args.corpus, args.minutes, args.precision, args.flat_set)
@@ -114,12 +144,13 @@ def main() -> None:
                    "bytes_s": speed(lambda s: step.generate(PROMPT, max_sentences=3, temperature=0.8, seed=s)),
                    "sample": step.generate(PROMPT, max_sentences=2, temperature=0.7, seed=0)},
     }
+    rows["steplm"]["bpb_renderer_alone"] = blind_bpb(work / "steplm")
     if step.codes:
         rows["steplm"]["bytes_s_rerank4"] = speed(
             lambda s: step.generate(PROMPT, max_sentences=3, temperature=0.8, seed=s, rerank=4))
     ratio = rows["steplm"]["bpb"] / rows["flat"]["bpb"]
     speedup = rows["steplm"]["bytes_s"] / rows["flat"]["bytes_s"]
-    out = {"command": " ".join(sys.argv), "minutes": args.minutes, "precision": args.precision,
+    out = {"command": " ".join(sys.argv), "work": str(work), "minutes": args.minutes, "precision": args.precision,
            "train_wall_s": wall, "overrides": args.overrides, "rows": rows, "bpb_ratio": ratio, "speedup_b1": speedup}
     path = save(args.name, out)
     print(f"\n{machine()}")

@@ -152,6 +152,17 @@ def test_two_part_report_has_its_parts():
     assert r["refund_ratio"] == pytest.approx((r["render_bpb_none"] - r["render_bpb_oracle"]) / r["plan_bpb"], rel=1e-6)
 
 
+def test_blind_mode_cuts_the_planner_state_from_its_segment():
+    m = micro_model()
+    with torch.no_grad():  # make the renderer read its condition, so that shuffling it must cost bits
+        m.cond.weight.normal_(0, 1.0)
+    split = split_of(TEXT)
+    r = evaluate_segments(m, split, "cpu", modes=("oracle", "blind"))
+    assert r["render_bpb_blind"] != pytest.approx(r["bpb"], rel=1e-4)
+    alone = evaluate_segments(m, split, "cpu", modes=("blind",))
+    assert alone["bpb"] is None and alone["render_bpb_blind"] == pytest.approx(r["render_bpb_blind"], rel=1e-6)
+
+
 def test_generation_reranks_with_codes_and_refuses_without():
     with_codes = StepLMGenerator(micro_model(levels=2), StepLMConfig())
     text = with_codes.generate("We must act. Now", max_sentences=2, rerank=3, seed=1, temperature=0.8)

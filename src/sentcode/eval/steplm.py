@@ -4,7 +4,9 @@ Codes off: the exact one-part code length, -log2 P(bytes and end-of-segment symb
 the text (the same denominator as a flat LM's; the flat LM charges one end-of-text per document, this model
 one end-of-segment per segment). Codes on: the two-part code length (plan bits for the codes + render bits
 for the bytes given them), reported with its parts: render bits with oracle, planner-predicted, shuffled and
-no codes, and the refund ratio (no-code render bits - oracle render bits) / plan bits.
+no codes, and the refund ratio (no-code render bits - oracle render bits) / plan bits. Asked for, the "blind"
+mode scores the renderer with planner states shuffled across segments (and no codes): what the planner's state
+tells the renderer is the gap.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def evaluate_segments(model, split: SegmentSplit, device, batch_rows: int = 4, m
     model.train(was_training)
     bits = {m: v / LN2 for m, v in sums.items()}
     plan_bits = plan_nats / LN2
-    result = {"bpb": (bits["oracle"] + plan_bits) / max(n_bytes, 1), "bytes": n_bytes, "segments": n_segments,
-              "codes": codes_on, "bytes_per_segment": n_bytes / max(n_segments, 1)}
-    if codes_on:
+    result = {"bpb": (bits["oracle"] + plan_bits) / max(n_bytes, 1) if "oracle" in bits else None,
+              "bytes": n_bytes, "segments": n_segments, "codes": codes_on,
+              "bytes_per_segment": n_bytes / max(n_segments, 1)}
+    if codes_on and "oracle" in bits:
         per_byte = {m: b / max(n_bytes, 1) for m, b in bits.items()}
         result.update({
             "plan_bpb": plan_bits / max(n_bytes, 1),
@@ -71,6 +74,8 @@ def evaluate_segments(model, split: SegmentSplit, device, batch_rows: int = 4, m
         if "none" in bits:
             result["refund_ratio"] = (bits["none"] - bits["oracle"]) / plan_bits if plan_bits > 0 else None
             result["nocode_bpb"] = per_byte["none"]
+    if "blind" in bits:
+        result["render_bpb_blind"] = bits["blind"] / max(n_bytes, 1)
     return result
 
 
@@ -78,6 +83,8 @@ def format_steplm_result(r: dict) -> str:
     lines = [f"{r.get('source', 'held-out text')}: {r['bpb']:.4f} bits per byte "
              f"({'two-part: plan + render' if r['codes'] else 'exact one-part'}; {r['bytes']:,} bytes, "
              f"{r['segments']:,} segments of {r['bytes_per_segment']:.1f} bytes)"]
+    if "render_bpb_blind" in r:
+        lines.append(f"  renderer with shuffled planner states, no codes: {r['render_bpb_blind']:.4f} bits per byte")
     if r["codes"]:
         lines.append(f"  plan {r['plan_bpb']:.4f} bpb ({r['plan_bits_per_segment']:.1f} bits per segment); render "
                      + ", ".join(f"{m} {r[f'render_bpb_{m}']:.4f}" for m in ("oracle", "predicted", "shuffled", "none")

@@ -245,7 +245,9 @@ class StepLM(nn.Module):
 
     def forward(self, x, y, seg, n_seg: int, code_mode: str = "oracle", drop: torch.Tensor | None = None) -> dict:
         """Summed losses of packed rows: x, y [B, T] stream ids and targets (-1: not predicted), seg [B, T]
-        segment index per position (-1: padding). ``code_mode``: oracle | predicted | shuffled | none; ``drop``
+        segment index per position (-1: padding). ``code_mode``: oracle | predicted | shuffled | none | blind
+        (blind: no codes, and planner states shuffled across the batch's segments: what the state tells the
+        renderer about its own segment is gone, its usual scale stays); ``drop``
         [B, n_seg] bool: segments rendered without codes (training's code dropout).
 
         Returns {"render_nats", "plan_nats", "commit", "symbols"}: sums over the batch (nats), the commitment
@@ -269,11 +271,14 @@ class StepLM(nn.Module):
                 flat = q.reshape(-1, q.shape[-1])
                 q = flat[torch.randperm(flat.shape[0], device=q.device)].reshape(q.shape)
             keep = torch.ones(q.shape[:2], device=q.device, dtype=q.dtype)
-            if code_mode == "none":
+            if code_mode in ("none", "blind"):
                 keep = keep * 0
             elif drop is not None:
                 keep = keep * (~drop).to(q.dtype)
             q = q * keep[..., None]
+        if code_mode == "blind":
+            flat_o = o.reshape(-1, o.shape[-1])
+            o = flat_o[torch.randperm(flat_o.shape[0], device=o.device)].reshape(o.shape)
         cond = self.condition(o, q)  # [B, M, d_model]
         cond_pos = torch.gather(cond, 1, seg.clamp(min=0)[..., None].expand(-1, -1, cond.shape[-1]))
         logits = self.render(x, cond_pos)
