@@ -14,7 +14,7 @@ from sentcode.data.segments import SegmentSplit, build_row, eval_windows, stack_
 from sentcode.errors import SentcodeError
 from sentcode.eval.steplm import evaluate_segments
 from sentcode.infer.steplm import StepLMGenerator
-from sentcode.models.sentence.steplm import StepLM, StepLMConfig, StepLMModelConfig
+from sentcode.models.sentence.steplm import StepLM, StepLMConfig, StepLMModelConfig, pool_segments
 
 MICRO = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.n_kv_head=1", "model.d_plan=32",
          "model.plan_layers=1", "model.plan_heads=2", "model.plan_kv_heads=1", "model.enc_d_model=16",
@@ -27,11 +27,11 @@ TEXT = ("The Congress met today. It passed three bills, one of them on roads!\n\
         "was $3.5 million. Nobody listened.  The session ended at noon. " * 3)
 
 
-def micro_model(levels: int = 0, window: int = 16, max_segments: int = 8) -> StepLM:
+def micro_model(levels: int = 0, window: int = 16, max_segments: int = 8, pool: str = "mean") -> StepLM:
     torch.manual_seed(0)
     cfg = StepLMModelConfig(d_model=32, n_layer=2, n_head=2, n_kv_head=1, d_plan=32, plan_layers=1, plan_heads=2,
                             plan_kv_heads=1, enc_d_model=16, enc_heads=2, window=window, max_segments=max_segments,
-                            max_segment_bytes=64, levels=levels, codebook_size=8, d_code=8)
+                            max_segment_bytes=64, levels=levels, codebook_size=8, d_code=8, pool=pool)
     m = StepLM(cfg)
     for p in m.parameters():  # random, non-zero everywhere (the condition starts at zero in training)
         torch.nn.init.normal_(p, std=0.2)
@@ -74,8 +74,9 @@ def _row(segs):
     return stack_rows([(x, y, seg)], "cpu")
 
 
-def test_planner_state_depends_on_completed_segments_only():
-    m = micro_model()
+@pytest.mark.parametrize("pool", ["mean", "attention"])
+def test_planner_state_depends_on_completed_segments_only(pool):
+    m = micro_model(pool=pool)
     segs = segment_document(TEXT, 64)[:6]
     changed = list(segs)
     changed[3] = b"Something else entirely was said here. "
@@ -88,6 +89,21 @@ def test_planner_state_depends_on_completed_segments_only():
     a, b = states
     assert torch.equal(a[:, :4], b[:, :4])  # o_j for segments 0..3 reads segments < j only
     assert not torch.allclose(a[:, 4], b[:, 4])
+
+
+def test_attention_pooling_starts_as_the_mean_and_stays_within_segments():
+    m = micro_model(pool="attention")
+    x, y, seg, n = _row(segment_document(TEXT, 64)[:5])
+    with torch.no_grad():
+        h = m.encoder(m.enc_embed(x))
+        m.pool_query.zero_()  # a zero query weighs every position alike
+        assert torch.allclose(m.encode_stream(x, seg, n)[1], pool_segments(h, seg, n), atol=1e-5)
+        m.pool_query.normal_(0, 3.0)
+        pooled = m.encode_stream(x, seg, n)[1]
+        for j in range(n):  # each head's weights sum to one over its own segment's positions only
+            inside = h[0, seg[0] == j]
+            lo, hi = inside.min(0).values, inside.max(0).values
+            assert bool(((pooled[0, j] >= lo - 1e-5) & (pooled[0, j] <= hi + 1e-5)).all())
 
 
 def test_renderer_is_causal():

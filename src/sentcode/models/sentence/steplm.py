@@ -63,6 +63,8 @@ class StepLMModelConfig:
     d_code: int = 64
     commitment: float = 0.25
     code_dropout: float = 0.1  # share of training segments rendered without their codes (the no-code mode)
+    pool: str = "mean"  # how a segment's encoder states become one vector: mean | attention (learned queries)
+    cond_init: str = "zero"  # the condition projection's start: zero (a plain byte LM at step 0) | normal
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
 
@@ -84,6 +86,10 @@ class StepLMModelConfig:
             raise ConfigError("model.levels must be >= 0 (0: codes off)")
         if not 0 <= self.code_dropout < 1:
             raise ConfigError("model.code_dropout must lie in [0, 1)")
+        if self.pool not in ("mean", "attention"):
+            raise ConfigError(f"model.pool must be mean or attention, got {self.pool!r}")
+        if self.cond_init not in ("zero", "normal"):
+            raise ConfigError(f"model.cond_init must be zero or normal, got {self.cond_init!r}")
 
     def block(self, d: int, layers: int, heads: int, kv: int, window: int | None) -> ModelConfig:
         return ModelConfig(vocab_size=VOCAB, d_model=d, n_layer=layers, n_head=heads, n_kv_head=kv,
@@ -154,13 +160,26 @@ def scored_segments(y: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Ten
     return hit[:, :n_seg].bool()
 
 
-def pool_segments(h: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
-    """Mean of h [B, T, D] over positions with the same seg id [B, T] (ids < 0 are ignored) -> [B, n_seg, D]."""
+def pool_segments(h: torch.Tensor, seg: torch.Tensor, n_seg: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool h [B, T, D] over positions with the same seg id [B, T] (ids < 0 are ignored) -> [B, n_seg, D].
+
+    Without ``scores``: the mean. With ``scores`` [B, T, H]: H heads, each a softmax over its segment's
+    positions weighting its D/H slice of h (attention pooling with learned queries, as BLT pools patches).
+    """
     B, T, D = h.shape
     idx = torch.where(seg >= 0, seg, n_seg)  # padding goes to a spare slot that is dropped
-    sums = h.new_zeros(B, n_seg + 1, D).scatter_add_(1, idx[..., None].expand(B, T, D), h)
-    counts = h.new_zeros(B, n_seg + 1).scatter_add_(1, idx, torch.ones_like(idx, dtype=h.dtype))
-    return (sums / counts.clamp(min=1)[..., None])[:, :n_seg]
+    if scores is None:
+        sums = h.new_zeros(B, n_seg + 1, D).scatter_add_(1, idx[..., None].expand(B, T, D), h)
+        counts = h.new_zeros(B, n_seg + 1).scatter_add_(1, idx, torch.ones_like(idx, dtype=h.dtype))
+        return (sums / counts.clamp(min=1)[..., None])[:, :n_seg]
+    H = scores.shape[-1]
+    s = scores.float()
+    top = s.new_full((B, n_seg + 1, H), -1e30).scatter_reduce(1, idx[..., None].expand(B, T, H), s, "amax")
+    w = torch.exp(s - top.gather(1, idx[..., None].expand(B, T, H)))  # [B, T, H], <= 1
+    den = w.new_zeros(B, n_seg + 1, H).scatter_add_(1, idx[..., None].expand(B, T, H), w)
+    w = (w / den.gather(1, idx[..., None].expand(B, T, H)).clamp(min=1e-30)).to(h.dtype)
+    wh = (h.view(B, T, H, D // H) * w[..., None]).reshape(B, T, D)
+    return h.new_zeros(B, n_seg + 1, D).scatter_add_(1, idx[..., None].expand(B, T, D), wh)[:, :n_seg]
 
 
 class StepLM(nn.Module):
@@ -172,6 +191,9 @@ class StepLM(nn.Module):
         self.enc_embed = nn.Embedding(VOCAB, c.enc_d_model)
         self.encoder = _Stack(c.block(c.enc_d_model, c.enc_layers, c.enc_heads, c.enc_heads, c.window))
         self.enc_out = nn.Linear(c.enc_d_model, c.d_plan, bias=False)
+        if c.pool == "attention":  # one learned query per encoder head, over keys projected from the states
+            self.pool_key = nn.Linear(c.enc_d_model, c.enc_d_model, bias=False)
+            self.pool_query = nn.Parameter(torch.zeros(c.enc_heads, c.enc_d_model // c.enc_heads))
         self.plan_start = nn.Parameter(torch.zeros(c.d_plan))
         self.planner = _Stack(c.block(c.d_plan, c.plan_layers, c.plan_heads, c.plan_kv_heads, None))
         self.cond = nn.Linear(c.d_plan, c.d_model, bias=False)
@@ -183,8 +205,9 @@ class StepLM(nn.Module):
             # level l's head reads o + the embeddings of the codes already chosen at levels < l
             self.code_embed = nn.ModuleList(nn.Embedding(c.codebook_size, c.d_plan) for _ in range(c.levels - 1))
         init_weights(self, depth=max(c.n_layer, c.plan_layers))
-        # The condition starts at zero, so the renderer starts as a plain byte LM.
-        nn.init.zeros_(self.cond.weight)
+        # The condition starts at zero (so the renderer starts as a plain byte LM), or like every other layer.
+        if c.cond_init == "zero":
+            nn.init.zeros_(self.cond.weight)
         if c.levels:
             nn.init.zeros_(self.code_in.weight)
 
@@ -192,7 +215,14 @@ class StepLM(nn.Module):
 
     def encode_stream(self, x: torch.Tensor, seg: torch.Tensor, n_seg: int):
         """Encoder pass over stream ids x [B, T] -> (e [B, n_seg, d_plan], pooled [B, n_seg, enc_d_model])."""
-        pooled = pool_segments(self.encoder(self.enc_embed(x)), seg, n_seg)
+        h = self.encoder(self.enc_embed(x))
+        scores = None
+        if self.cfg.pool == "attention":
+            B, T, _ = h.shape
+            H = self.cfg.enc_heads
+            k = self.pool_key(h).view(B, T, H, -1)
+            scores = (k * self.pool_query).sum(-1) / k.shape[-1] ** 0.5  # [B, T, H]
+        pooled = pool_segments(h, seg, n_seg, scores)
         return self.enc_out(pooled), pooled
 
     def plan(self, e: torch.Tensor, cache: list[LayerCache] | None = None, start_pos: int = 0,
