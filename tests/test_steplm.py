@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sentcode.corpus.segments import segment_document
-from sentcode.data.segments import SegmentSplit, build_row, eval_windows, stack_rows
+from sentcode.data.segments import EOS, SegmentSplit, build_row, eval_windows, stack_rows
 from sentcode.errors import SentcodeError
 from sentcode.eval.steplm import evaluate_segments
 from sentcode.infer.steplm import StepLMGenerator
@@ -177,6 +177,21 @@ def test_blind_mode_cuts_the_planner_state_from_its_segment():
     assert r["render_bpb_blind"] != pytest.approx(r["bpb"], rel=1e-4)
     alone = evaluate_segments(m, split, "cpu", modes=("blind",))
     assert alone["bpb"] is None and alone["render_bpb_blind"] == pytest.approx(r["render_bpb_blind"], rel=1e-6)
+
+
+@pytest.mark.parametrize("levels", [0, 2])
+@pytest.mark.parametrize("eos_boost", [1.0, 4.0])
+def test_batched_greedy_generation_matches_one_by_one(levels, eos_boost):
+    m = micro_model(levels=levels)
+    with torch.no_grad():  # a larger end-of-segment embedding makes segments end early as well as at full length
+        m.embed.weight[EOS] *= eos_boost
+    g = StepLMGenerator(m, StepLMConfig())
+    prompts = ["We must act. Now", "The Congress met today. It passed", "Yes"]
+    one = [g.generate(p, max_sentences=3, rerank=1, temperature=0) for p in prompts]
+    assert g.generate_batch(prompts, max_sentences=3, rerank=1, temperature=0) == one
+    sampled = g.generate_batch(prompts, max_sentences=2, rerank=1, temperature=0.9, seed=5)
+    assert sampled == g.generate_batch(prompts, max_sentences=2, rerank=1, temperature=0.9, seed=5)
+    assert len(sampled) == 3 and all(isinstance(t, str) for t in sampled)
 
 
 def test_generation_reranks_with_codes_and_refuses_without():

@@ -230,10 +230,19 @@ class StepLMGenerator:
 
     def generate_batch(self, prompts, max_sentences: int = 3, rerank: int | None = None, temperature: float = 0.8,
                        seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> list[str]:
+        """The continuations of several prompts, written together in one batch (see ``infer.steplm_batch``:
+        greedy gives what ``generate`` gives; sampled text differs from sequential calls'). With codes on and
+        reranking, the documents are written one after another, each with seed + its index."""
+        from sentcode.infer.steplm_batch import generate_batch
+
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise SentcodeError("prompts must be a non-empty list")
-        return [self.generate(p, max_sentences, rerank, temperature, None if seed is None else seed + i, top_k, top_p)
-                for i, p in enumerate(prompts)]
+        segments = [self._check(p, max_sentences, rerank, temperature, top_k, top_p) for p in prompts]
+        n = self.default_rerank if rerank is None else max(1, rerank)
+        if self.codes and n > 1:
+            return [self.generate(p, max_sentences, rerank, temperature, None if seed is None else seed + i, top_k,
+                                  top_p) for i, p in enumerate(prompts)]
+        return generate_batch(self, segments, max_sentences, temperature, seed, top_k, top_p)
 
     def score_details(self, text: str | bytes) -> dict:
         """Bits per byte of ``text`` as one document (exact one-part, or two-part with codes on)."""
