@@ -3,6 +3,7 @@ trained at once (one thread each, side by side), then test bits per byte on the 
 generation speed (both with their KV caches, 2 threads, one after the other, median of 3 after a warm-up).
 
     python benchmarks/steplm_vs_flat.py --minutes 5 [--set model.levels=4 ...] [--name NAME]
+    python benchmarks/steplm_vs_flat.py --batch-speed NAME [--work DIR]  # add batch-1 and batch-8 speeds
     python benchmarks/steplm_vs_flat.py --blind NAME [--work DIR]   # add the renderer-alone figure to an earlier result
 
 Writes benchmarks/results/NAME.json and prints a table. The renderer-alone figure (planner states shuffled
@@ -81,6 +82,39 @@ def add_blind(name: str, work: str) -> None:
     print(f"{name}: renderer alone {b:.4f} bpb against {out['rows']['steplm']['bpb']:.4f} with the planner")
 
 
+def add_batch_speed(name: str, work: str, batches=(1, 8)) -> None:
+    """Bytes/s of B documents written together (2 threads, median of 3 after a warm-up): the end-to-end model's
+    ``generate_batch`` (3 segments each, temperature 0.8) and the flat LM decoding B rows over one KV cache for
+    as many bytes per document as the sentence-step model wrote."""
+    import torch
+
+    import sentcode
+    from common import RESULTS
+    from sentence_speed import flat_batch
+
+    torch.set_num_threads(2)
+    path = RESULTS / f"{name}.json"
+    out = json.loads(path.read_text())
+    work = Path(out.get("work", work))
+    flat, step = sentcode.load(work / "flat"), sentcode.load(work / "steplm")
+    for b in batches:
+        rates, sizes = [], []
+        for seed in range(4):  # the first is the warm-up
+            t = time.perf_counter()
+            texts = step.generate_batch([PROMPT] * b, max_sentences=3, temperature=0.8, seed=seed)
+            n = sum(len(x.encode()) for x in texts)
+            if seed:
+                rates.append(n / (time.perf_counter() - t))
+                sizes.append(n / b)
+        per_doc = max(16, round(statistics.mean(sizes)))
+        flat_rates = [b * per_doc / flat_batch(flat.model, PROMPT.encode(), b, per_doc, seed=s)[-1] for s in range(4)][1:]
+        out["rows"]["steplm"][f"bytes_s_b{b}"] = statistics.median(rates)
+        out["rows"]["flat"][f"bytes_s_b{b}"] = statistics.median(flat_rates)
+        print(f"batch {b}: steplm {statistics.median(rates):8.1f} B/s, flat {statistics.median(flat_rates):8.1f} B/s "
+              f"({statistics.median(rates) / statistics.median(flat_rates):.2f}x; {per_doc} bytes per document)")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=5.0)
@@ -93,9 +127,12 @@ def main() -> None:
     ap.add_argument("--name", default="steplm_vs_flat")
     ap.add_argument("--role", choices=["flat", "steplm"], help=argparse.SUPPRESS)
     ap.add_argument("--blind", metavar="NAME", help="add the renderer-alone test bpb to results/NAME.json")
+    ap.add_argument("--batch-speed", metavar="NAME", help="add batch 1 and 8 generation speeds to results/NAME.json")
     args = ap.parse_args()
     if args.blind:
         return add_blind(args.blind, args.work)
+    if args.batch_speed:
+        return add_batch_speed(args.batch_speed, args.work)
     work = Path(args.work)
     if args.role == "flat":
         return train_flat(work, args.corpus, args.minutes, args.precision, args.flat_set)

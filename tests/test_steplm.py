@@ -14,7 +14,7 @@ from sentcode.data.segments import EOS, SegmentSplit, build_row, eval_windows, s
 from sentcode.errors import SentcodeError
 from sentcode.eval.steplm import evaluate_segments
 from sentcode.infer.steplm import StepLMGenerator
-from sentcode.models.sentence.steplm import StepLM, StepLMConfig, StepLMModelConfig, pool_segments
+from sentcode.models.sentence.steplm import StepLM, StepLMConfig, StepLMModelConfig, pool_segments, segment_floor
 
 MICRO = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.n_kv_head=1", "model.d_plan=32",
          "model.plan_layers=1", "model.plan_heads=2", "model.plan_kv_heads=1", "model.enc_d_model=16",
@@ -104,6 +104,27 @@ def test_attention_pooling_starts_as_the_mean_and_stays_within_segments():
             inside = h[0, seg[0] == j]
             lo, hi = inside.min(0).values, inside.max(0).values
             assert bool(((pooled[0, j] >= lo - 1e-5) & (pooled[0, j] <= hi + 1e-5)).all())
+
+
+@pytest.mark.parametrize("window", [16, 4])  # 4: the blocked local attention path (T > 2W)
+def test_context_dropout_cuts_a_segment_off_from_earlier_bytes(window):
+    m = micro_model(window=window)
+    segs = segment_document(TEXT, 64)[:4]
+    changed = segs[:1] + [b"Entirely other words were here. "] + segs[2:]
+    cut = torch.tensor([[False, False, True, False]])
+    with torch.no_grad():
+        outs = []
+        for s in (segs, changed):
+            x, y, seg, n = _row(s)
+            o = m.plan(m.encode_stream(x, seg, n)[0]) * 0  # no planner path: only bytes can carry segment 1
+            cond = torch.gather(m.condition(o, None), 1, seg.clamp(min=0)[..., None].expand(-1, -1, 32))
+            outs.append((m.render(x, cond, key_floor=segment_floor(seg, n, cut)), seg))
+    (a, seg_a), (b, seg_b) = outs
+    # segment 2 is cut off: it reads nothing of segment 1, although its window would reach it
+    assert torch.allclose(a[seg_a == 2], b[seg_b == 2], atol=1e-5)
+    x, _, seg = _row(segs)[:3]
+    uncut = m.render(x, torch.zeros(1, x.shape[1], 32)).detach()
+    assert not torch.allclose(uncut[seg == 2], a[seg_a == 2], atol=1e-5)  # the cut changes what segment 2 sees
 
 
 def test_renderer_is_causal():

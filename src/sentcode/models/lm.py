@@ -23,8 +23,8 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x, positions, rope, cache, pad_mask=None):
-        x = x + self.attn(self.norm1(x), positions, rope, cache, pad_mask=pad_mask)
+    def forward(self, x, positions, rope, cache, pad_mask=None, key_floor=None):
+        x = x + self.attn(self.norm1(x), positions, rope, cache, pad_mask=pad_mask, key_floor=key_floor)
         return x + self.ffn(self.norm2(x))
 
 

@@ -39,12 +39,14 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return allowed
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                    key_floor: torch.Tensor | None = None) -> torch.Tensor:
     """Causal sliding-window attention in blocks: each query sees itself and the ``window - 1`` keys before it.
 
     q, k, v: [B, H, T, D] (kv heads already expanded). Queries are cut into blocks of ``window``; a block
     attends to itself and the block before it, so the work is O(T * 2 * window) instead of O(T^2) and no
-    [T, T] mask is ever built (a 4,096-byte row would need 16M mask entries per layer).
+    [T, T] mask is ever built (a 4,096-byte row would need 16M mask entries per layer). ``key_floor`` [B, T]:
+    the first key index each query may see besides (its own key is always kept).
     """
     B, H, T, D = q.shape
     W = window
@@ -59,6 +61,10 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     allowed = (rel >= 0) & (rel < W)  # [W, 2W]
     mask = allowed.expand(n, W, 2 * W).clone()
     mask[0, :, :W] = False  # block 0 has no previous block
+    if key_floor is not None:
+        floor = F.pad(key_floor, (0, pad)).reshape(B, n, W, 1)
+        kidx = (torch.arange(n, device=q.device)[:, None] - 1) * W + torch.arange(2 * W, device=q.device)[None, :]
+        mask = (mask[None] & (kidx[None, :, None, :] >= floor))[:, None]  # [B, 1, n, W, 2W]
     y = F.scaled_dot_product_attention(qb, kk, vv, attn_mask=mask)
     return y.reshape(B, H, n * W, D)[:, :, :T]
 
@@ -80,7 +86,7 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("slopes", alibi_slopes(n_head), persistent=False)
 
     def forward(self, x, positions, rope=None, cache: LayerCache | None = None, key_mask: torch.Tensor | None = None,
-                pad_mask: torch.Tensor | None = None):
+                pad_mask: torch.Tensor | None = None, key_floor: torch.Tensor | None = None):
         """x: [B, T, D]; positions: [T] absolute positions of these tokens; rope: (cos, sin) for them.
 
         key_mask: [B, Tk] bool, True for real tokens; bidirectional attention only (padding never needs
@@ -91,7 +97,12 @@ class CausalSelfAttention(nn.Module):
         enter only as differences, so a left-padded row gets the results it would get alone. A query always
         keeps its own key, so a padding query is never left with no key at all (a softmax over nothing is
         NaN, and NaN would reach the cache).
+
+        key_floor: [B, T] long, the first key index (in this call, no cache) each query may see besides its
+        own key; causal attention only (a sentence-step renderer cut off from earlier segments in training).
         """
+        if key_floor is not None and (cache is not None or not self.causal or self.pos != "rope"):
+            raise ValueError("key_floor is only supported for causal rope attention without a cache")
         if key_mask is not None and self.causal:
             raise ValueError("key_mask is only supported with causal=False")
         if pad_mask is not None and not self.causal:
@@ -105,7 +116,7 @@ class CausalSelfAttention(nn.Module):
                 and T > 2 * self.window):
             rep = self.n_head // self.n_kv_head
             kx, vx = (k, v) if rep == 1 else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
-            y = local_attention(q, kx, vx, self.window)
+            y = local_attention(q, kx, vx, self.window, key_floor)
             return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             if cache.k is not None:
@@ -134,6 +145,10 @@ class CausalSelfAttention(nn.Module):
             mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
         elif pad_ok is not None:
             mask = causal_mask(positions, k_pos, self.window) & pad_ok
+        elif key_floor is not None:
+            idx = torch.arange(T, device=x.device)  # no cache: key i is query i
+            mask = (causal_mask(positions, k_pos, self.window)[None] & ((idx[None, None, :] >= key_floor[:, :, None])
+                    | (idx[:, None] == idx[None, :])[None]))[:, None]  # [B, 1, T, Tk]
         elif self.window is not None or Tk != T:
             if T > 1 or self.window is not None:
                 mask = causal_mask(positions, k_pos, self.window)

@@ -56,10 +56,12 @@ def steplm_loss(model, batch) -> torch.Tensor:
     """The two-part code length per predicted symbol (nats), plus the quantizer's commitment term."""
     x, y, seg, n_seg = batch
     raw = ckpt_io.unwrap(model)
-    drop = None
+    drop = cut = None
     if raw.cfg.levels and raw.cfg.code_dropout > 0:
         drop = torch.rand(x.shape[0], n_seg, device=x.device) < raw.cfg.code_dropout
-    out = model(x, y, seg, n_seg, drop=drop)
+    if raw.cfg.context_dropout > 0:
+        cut = torch.rand(x.shape[0], n_seg, device=x.device) < raw.cfg.context_dropout
+    out = model(x, y, seg, n_seg, drop=drop, cut=cut)
     return (out["render_nats"] + out["plan_nats"]) / out["symbols"].clamp(min=1) + out["commit"]
 
 

@@ -63,6 +63,8 @@ class StepLMModelConfig:
     d_code: int = 64
     commitment: float = 0.25
     code_dropout: float = 0.1  # share of training segments rendered without their codes (the no-code mode)
+    context_dropout: float = 0.0  # share of training segments whose bytes see no earlier byte: the planner's
+    # state is then their only view of the past, so the renderer must learn to read it
     pool: str = "mean"  # how a segment's encoder states become one vector: mean | attention (learned queries)
     cond_init: str = "zero"  # the condition projection's start: zero (a plain byte LM at step 0) | normal
     rope_theta: float = 10000.0
@@ -86,6 +88,8 @@ class StepLMModelConfig:
             raise ConfigError("model.levels must be >= 0 (0: codes off)")
         if not 0 <= self.code_dropout < 1:
             raise ConfigError("model.code_dropout must lie in [0, 1)")
+        if not 0 <= self.context_dropout < 1:
+            raise ConfigError("model.context_dropout must lie in [0, 1)")
         if self.pool not in ("mean", "attention"):
             raise ConfigError(f"model.pool must be mean or attention, got {self.pool!r}")
         if self.cond_init not in ("zero", "normal"):
@@ -135,13 +139,14 @@ class _Stack(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, x, start_pos: int = 0, cache: list[LayerCache] | None = None,
-                pad_mask: torch.Tensor | None = None):
-        """pad_mask: [B, cached + T] bool, False at left padding (batched generation)."""
+                pad_mask: torch.Tensor | None = None, key_floor: torch.Tensor | None = None):
+        """pad_mask: [B, cached + T] bool, False at left padding (batched generation); key_floor: [B, T], the
+        first position each query may see (context dropout in training)."""
         T = x.shape[1]
         positions = torch.arange(start_pos, start_pos + T, device=x.device)
         rope = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, rope, cache[i] if cache is not None else None, pad_mask)
+            x = block(x, positions, rope, cache[i] if cache is not None else None, pad_mask, key_floor)
         return self.norm(x)
 
     def new_cache(self) -> list[LayerCache]:
@@ -153,6 +158,17 @@ def trim_cache(cache: list[LayerCache], keep: int) -> None:
     for c in cache:
         if c.k is not None and c.k.shape[2] > keep:
             c.k, c.v = c.k[:, :, -keep:], c.v[:, :, -keep:]
+
+
+def segment_floor(seg: torch.Tensor, n_seg: int, cut: torch.Tensor) -> torch.Tensor:
+    """[B, T] first position each position may see: its segment's first position where ``cut`` [B, n_seg] is
+    True (context dropout), else 0."""
+    B, T = seg.shape
+    pos = torch.arange(T, device=seg.device).expand(B, T)
+    idx = torch.where(seg >= 0, seg, n_seg)
+    first = torch.full((B, n_seg + 1), T, device=seg.device).scatter_reduce(1, idx, pos, "amin")
+    use = torch.cat([cut, cut.new_zeros(B, 1)], 1).gather(1, idx)
+    return torch.where(use, first.gather(1, idx), 0)
 
 
 def scored_segments(y: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
@@ -265,17 +281,19 @@ class StepLM(nn.Module):
         return c if q is None else c + self.code_in(q)
 
     def render(self, x: torch.Tensor, cond_pos: torch.Tensor, start_pos: int = 0,
-               cache: list[LayerCache] | None = None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+               cache: list[LayerCache] | None = None, pad_mask: torch.Tensor | None = None,
+               key_floor: torch.Tensor | None = None) -> torch.Tensor:
         """Renderer logits for stream ids x [B, T] with a per-position condition cond_pos [B, T, d_model]."""
         # Byte embeddings enter at sqrt(d_model) times their (0.02-std) scale. Without it, the condition,
         # constant over a segment, grows past them within tens of Adam steps and drowns the byte identity:
         # measured, the renderer then stayed at unigram loss (3.0 nats) while a flat LM reached 2.2.
         h = self.embed(x) * self.cfg.d_model ** 0.5 + cond_pos
-        return F.linear(self.renderer(h, start_pos, cache, pad_mask), self.embed.weight)  # tied head
+        return F.linear(self.renderer(h, start_pos, cache, pad_mask, key_floor), self.embed.weight)  # tied head
 
     # ---- training ------------------------------------------------------------------------------------
 
-    def forward(self, x, y, seg, n_seg: int, code_mode: str = "oracle", drop: torch.Tensor | None = None) -> dict:
+    def forward(self, x, y, seg, n_seg: int, code_mode: str = "oracle", drop: torch.Tensor | None = None,
+                cut: torch.Tensor | None = None) -> dict:
         """Summed losses of packed rows: x, y [B, T] stream ids and targets (-1: not predicted), seg [B, T]
         segment index per position (-1: padding). ``code_mode``: oracle | predicted | shuffled | none | blind
         (blind: no codes, and planner states shuffled across the batch's segments: what the state tells the
@@ -313,7 +331,7 @@ class StepLM(nn.Module):
             o = flat_o[torch.randperm(flat_o.shape[0], device=o.device)].reshape(o.shape)
         cond = self.condition(o, q)  # [B, M, d_model]
         cond_pos = torch.gather(cond, 1, seg.clamp(min=0)[..., None].expand(-1, -1, cond.shape[-1]))
-        logits = self.render(x, cond_pos)
+        logits = self.render(x, cond_pos, key_floor=None if cut is None else segment_floor(seg, n_seg, cut))
         mask = y >= 0
         ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.clamp(min=0).reshape(-1), reduction="none")
         render_nats = (ce * mask.reshape(-1)).sum()
