@@ -61,6 +61,22 @@ def test_unknown_family_is_a_clear_error():
         family("hier", where="runs/x")
 
 
+def test_a_preset_of_another_family_names_its_command(tmp_path, capsys):
+    from sentcode.cli import main
+    from sentcode.config import load_config
+    from sentcode.errors import ConfigError
+    from sentcode.train.steplm import load_steplm_config
+
+    with pytest.raises(ConfigError, match="sentence-step LM config; train it with `sentcode pipeline sentence"):
+        load_config("sentence-tiny")
+    with pytest.raises(ConfigError, match="flat LM config; train it with `sentcode data .*sentcode train lm"):
+        load_steplm_config("tiny")
+    rc = main(["train", "lm", "--data", str(tmp_path / "none"), "--preset", "staged-tiny", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sentcode pipeline sentence --corpus CORPUS --preset staged-tiny" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_no_module_imports_a_higher_layer():
     seen, bad = set(), []
     for path in sorted(SRC.rglob("*.py")):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_model
 import sentcode
 from sentcode.config import load_config
 from sentcode.data import DataDir
+from sentcode.errors import SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
 from sentcode.models.lm import LM
 from sentcode.runs import checkpoint as ckpt_io
@@ -81,6 +82,44 @@ def test_exact_resume_in_process(bytes_data, tmp_path):
     assert lb == la  # exact, not approximate
     assert sb2["final_eval"]["bpb"] == sa["final_eval"]["bpb"]
     assert_same_weights(weights(a), weights(b))
+
+
+def test_resume_auto_skips_a_checkpoint_that_does_not_load(bytes_data, tmp_path):
+    """A damaged newest checkpoint: --resume auto takes the newest one that loads, names the skipped one and
+    why, and deletes nothing; the resumed run ends where an uninterrupted one does."""
+    ref = tmp_path / "ref"
+    train_lm(bytes_data, ref, overrides=TINY + ["train.save_every=3", "train.keep_checkpoints=5"], max_steps=9,
+             progress=False)
+    run = tmp_path / "run"
+    over = TINY + ["train.save_every=3", "train.keep_checkpoints=5"]
+    train_lm(bytes_data, run, overrides=over, max_steps=9, progress=False, stop_at=6)
+    newest = ckpt_io.latest_checkpoint(run)
+    assert newest.name == "step-0000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a crash mid-write
+    with pytest.warns(UserWarning, match=r"resuming from step-0000003.pt; skipped .*step-0000006.pt \(cannot read"):
+        s = train_lm(bytes_data, run, overrides=over, max_steps=9, progress=False, resume="auto")
+    assert s["status"] == "completed" and s["step"] == 9
+    assert newest.exists()  # kept for the user to look at
+    assert step_losses(run) == step_losses(ref)
+
+
+def test_resume_auto_with_no_loadable_checkpoint_says_so(tmp_path):
+    d = ckpt_io.checkpoint_dir(tmp_path)
+    d.mkdir(parents=True)
+    (d / "step-0000002.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SentcodeError, match="no checkpoint in .* loads: step-0000002.pt"):
+        ckpt_io.resolve_resume(tmp_path, "auto")
+    assert (d / "step-0000002.pt").exists()
+
+
+def test_a_fresh_run_sets_aside_the_log_of_a_run_that_died_early(bytes_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.9}\n')  # no checkpoint
+    with pytest.warns(UserWarning, match="kept as metrics.1.jsonl"):
+        train_lm(bytes_data, run, overrides=TINY, max_steps=3, progress=False)
+    assert [s for s, _ in step_losses(run)] == [1, 2, 3]  # not 1, 2, 1, 2, 3
+    assert (run / "metrics.1.jsonl").read_text().count("\n") == 2
 
 
 def test_exact_resume_after_sigterm_cli(bytes_data, tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from sentcode.errors import ConfigError
+from sentcode.registry import check_preset_family
 
 
 @dataclass
@@ -224,6 +225,8 @@ def load_config(preset: str | None = "tiny", overrides: list[str] | None = None,
     """Resolve a preset name or YAML path (None: the dataclass defaults) plus ``key.sub=value`` overrides
     into a validated config of class ``cls``."""
     data = _read_yaml(preset) if preset is not None else {}
+    if preset is not None:
+        check_preset_family(data, cls.family, preset)
     apply_overrides(data, overrides or [])
     return config_from_dict(data, cls)
 

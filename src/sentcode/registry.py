@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from sentcode.errors import SentcodeError
+from sentcode.errors import ConfigError, SentcodeError
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Family:
     train: str  # (corpus or data, out, preset, overrides, ...) -> summary dict
     evaluate: str  # (generator, text_file, split) -> JSON-ready dict with "bpb"
     format: str  # (evaluation dict) -> one printable block
+    command: str  # the command that trains a preset of this family (``{preset}`` filled in)
     staged: bool = False  # trained stage by stage by a cached pipeline (``--from`` / ``--until`` apply)
 
     @property
@@ -40,14 +41,17 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("lm", "flat LM", "tokens",
            load="sentcode.infer.generator:load_lm", train="sentcode.train.lm:train_lm",
-           evaluate="sentcode.eval.run:evaluate_flat", format="sentcode.eval.run:format_flat"),
+           evaluate="sentcode.eval.run:evaluate_flat", format="sentcode.eval.run:format_flat",
+           command="sentcode data --corpus CORPUS --out DATA, then sentcode train lm --data DATA --preset {preset} "
+                   "--out RUN"),
     Family("steplm", "sentence-step LM", "sentences",
            load="sentcode.infer.steplm:load_steplm", train="sentcode.train.steplm:train_steplm",
-           evaluate="sentcode.eval.steplm:evaluate_steplm_run", format="sentcode.eval.steplm:format_steplm_result"),
+           evaluate="sentcode.eval.steplm:evaluate_steplm_run", format="sentcode.eval.steplm:format_steplm_result",
+           command="sentcode pipeline sentence --corpus CORPUS --preset {preset} --out RUN"),
     Family("sentence", "sentence-step LM (staged)", "sentences",
            load="sentcode.infer.sentence:load_sentence", train="sentcode.pipeline.sentence:run_pipeline",
            evaluate="sentcode.eval.sentence:evaluate_loaded", format="sentcode.eval.sentence:format_sentence_result",
-           staged=True),
+           command="sentcode pipeline sentence --corpus CORPUS --preset {preset} --out RUN", staged=True),
 )}
 
 
@@ -58,6 +62,14 @@ def family(name: str | None, where: object = None) -> Family:
     src = f"{where} holds" if where is not None else "this is"
     raise SentcodeError(f"{src} a {name!r} model, which this version cannot load (known families: "
                         f"{', '.join(FAMILIES)})")
+
+
+def check_preset_family(data: dict, expected: str, preset: str) -> None:
+    """Refuse a preset or config file of another family with the command that takes it."""
+    found = data.get("family", "lm")
+    if found != expected:
+        fam = family(found, where=f"preset {preset!r}")
+        raise ConfigError(f"preset {preset!r} is a {fam.label} config; train it with `{fam.command.format(preset=preset)}`")
 
 
 def family_of(gen) -> Family:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +127,31 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """``--resume``: None, a checkpoint path, or "auto": the newest checkpoint of the run that loads. A newer
+    one that does not load (cut short by a crash, damaged) is named in a warning with its reason and kept on
+    disk; none is ever deleted here."""
     if resume is None:
         return None
-    if resume == "auto":
-        p = latest_checkpoint(run_dir)
-        if p is None:
-            raise SentcodeError(f"--resume auto: no checkpoint to resume in {run_dir}")
+    if resume != "auto":
+        return Path(resume)
+    d = checkpoint_dir(run_dir)
+    newest = latest_checkpoint(run_dir)
+    found = sorted(((int(m.group(1)), p) for p in d.glob("step-*.pt") if (m := _STEP_RE.search(p.name))), reverse=True)
+    order = ([newest] if newest is not None else []) + [p for _, p in found if p != newest]
+    if not order:
+        raise SentcodeError(f"--resume auto: no checkpoint to resume in {run_dir}")
+    skipped = []
+    for p in order:
+        try:
+            load_checkpoint(p)
+        except CheckpointError as e:
+            skipped.append(f"{p.name} ({e})")
+            continue
+        if skipped:
+            warnings.warn(f"--resume auto: resuming from {p.name}; skipped newer checkpoint(s) that do not load, "
+                          f"left on disk: {'; '.join(skipped)}")
         return p
-    return Path(resume)
+    raise SentcodeError(f"--resume auto: no checkpoint in {d} loads: {'; '.join(skipped)}")
 
 
 def save_step(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> Path:

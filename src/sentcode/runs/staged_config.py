@@ -12,6 +12,7 @@ import yaml
 
 from sentcode.config import _read_yaml, apply_overrides
 from sentcode.errors import ConfigError, SentcodeError
+from sentcode.registry import check_preset_family
 
 FAMILY = "sentence"
 # Pipeline order; "renderer-nar" runs only when enabled in the config (and its module exists).
@@ -176,6 +177,7 @@ def validate_pipeline_config(cfg: dict) -> dict:
 def load_pipeline_config(preset: str = "staged-tiny", overrides: list[str] | None = None) -> dict:
     """The resolved, validated pipeline config (a plain dict) of a preset name or YAML file plus overrides."""
     data = _read_yaml(preset)
+    check_preset_family(data, FAMILY, preset)
     apply_overrides(data, list(overrides or []))
     return validate_pipeline_config(data)
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from sentcode.config import LMConfig, load_config
+from sentcode.config import LMConfig, _read_yaml, load_config
 from sentcode.data import DataDir, WindowLoader
 from sentcode.eval.bpb import evaluate_bpb
 from sentcode.models.lm import LM, next_token_loss
+from sentcode.registry import check_preset_family
 from sentcode.runs import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask
 from sentcode.runs.info import write_run_files
@@ -75,6 +76,7 @@ def train_lm(
 ) -> dict:
     """Train a flat LM on a prepared data directory into ``run_dir``; returns the loop's summary."""
     run_dir = Path(run_dir)
+    check_preset_family(_read_yaml(preset), "lm", preset)  # before the data: the error names the right command
     data = DataDir(data_dir)
     overrides = list(overrides or [])
     if max_steps is not None:

@@ -12,6 +12,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -114,6 +115,17 @@ def _trim_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(line + "\n" for line in keep))
 
 
+def _set_aside(path: Path) -> None:
+    """A fresh run into a directory whose earlier run died before its first checkpoint: that run's log is
+    renamed (metrics.N.jsonl), never appended to, so the new log reads as one run."""
+    n = 1
+    while path.with_name(f"{path.stem}.{n}{path.suffix}").exists():
+        n += 1
+    aside = path.with_name(f"{path.stem}.{n}{path.suffix}")
+    path.rename(aside)
+    warnings.warn(f"{path.parent} held the log of an earlier run that saved no checkpoint; it is kept as {aside.name}")
+
+
 def run_training(
     run_dir: str | Path,
     cfg: TrainConfig,
@@ -167,6 +179,8 @@ def run_training(
         step, train_elapsed, tokens_seen = state["step"], state["train_elapsed"], state["tokens_seen"]
         if dist_info.is_main:
             _trim_metrics(metrics_path, step)
+    elif dist_info.is_main and metrics_path.exists():
+        _set_aside(metrics_path)
 
     def payload() -> dict:
         return {
