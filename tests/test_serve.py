@@ -379,6 +379,7 @@ def test_stop_strings_cut_the_text(flat):
     ("/generate", {"prompt": "x", "steps": 1.5}, "steps"),
     ("/generate", {"prompt": "x", "params": {"rerank": "yes"}}, "params.rerank"),
     ("/generate", {"steps": 2}, "prompt"),
+    ("/v1/completions", {"max_tokens": 4}, "prompt"),  # a missing prompt is not an empty one
     ("/generate", {"prompt": "\ud800"}, "prompt"),  # a lone surrogate is not text
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udfffb"}]}, "messages"),
 ])
@@ -386,6 +387,29 @@ def test_bad_requests_are_4xx_naming_the_field(flat, path, body, param):
     status, r, _ = call(flat, path, body)
     assert_error(status, r, 400, param)
     assert param.split("[")[0].split(".")[-1] in r["error"]["message"]
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b'{"prompt": "x", "temperature": NaN}', "temperature"),
+    (b'{"prompt": "x", "top_p": Infinity}', "top_p"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": -Infinity}', "temperature"),
+])
+def test_non_finite_numbers_are_named_as_such(flat, raw, param):
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+    status, r, _ = call(flat, path, raw=raw)
+    assert "finite number" in assert_error(status, r, 400, param)["message"]
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_is_read_whatever_its_content_type(flat, ctype):
+    conn = _conn(flat)
+    headers = {} if ctype is None else {"content-type": ctype}
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "The", "max_tokens": 2}).encode(),
+                 headers=headers)
+    resp = conn.getresponse()
+    r = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 200 and len(r["choices"]) == 1
 
 
 def test_malformed_oversized_and_unknown(flat, sent):

@@ -140,6 +140,20 @@ class _TooLarge(Exception):
     pass
 
 
+class JsonBody:
+    """ASGI middleware: every request body is read as JSON, whatever its Content-Type says (clients often send
+    JSON as text/plain or form-encoded); a body that is not JSON still gets the usual 400."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        return await self.app(scope, receive, send)
+
+
 class ClientGone(Exception):
     pass
 
@@ -396,6 +410,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
                     '`{"error": {"message", "type", "param", "code"}}`.',
     )
     app.state.sentcode = st
+    app.add_middleware(JsonBody)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
 
     @app.exception_handler(ApiError)

@@ -15,7 +15,8 @@ SEED_MAX = 2**63 - 1
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan: Python's JSON reader accepts NaN and Infinity; a sampling setting must be a finite number
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(Body):
@@ -57,7 +58,7 @@ class _Sampling(Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Any = Field("", description="a string, a list of strings (one choice each), or token ids (a list of "
+    prompt: Any = Field(..., description="a string, a list of strings (one choice each), or token ids (a list of "
                         "ints, or a list of such lists; flat LM only)")
     max_tokens: int | None = Field(None, ge=0, description="flat LM: tokens; sentence-step run: sentences")
     echo: bool = Field(False, description="return the prompt before the completion")
