@@ -127,6 +127,26 @@ def test_context_dropout_cuts_a_segment_off_from_earlier_bytes(window):
     assert not torch.allclose(uncut[seg == 2], a[seg_a == 2], atol=1e-5)  # the cut changes what segment 2 sees
 
 
+def test_the_contrastive_term_needs_encodings_that_differ():
+    cfg = StepLMModelConfig(d_model=32, n_layer=1, n_head=2, n_kv_head=1, d_plan=32, plan_layers=1, plan_heads=2,
+                            plan_kv_heads=1, enc_d_model=16, enc_heads=2, window=16, max_segments=8,
+                            max_segment_bytes=64, predict_weight=0.5)
+    torch.manual_seed(0)
+    m = StepLM(cfg).train()
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    o = torch.randn(1, 6, 32)
+    with torch.no_grad():
+        same = float(m.predict_loss(o, torch.ones(1, 6, 32), valid))  # every encoding alike: chance
+        m.predict.weight.copy_(torch.eye(32))
+        match = float(m.predict_loss(o, o.clone(), valid))  # each state names its own encoding
+    assert same == pytest.approx(np.log(6), rel=1e-5) and match < 0.5
+    x, y, seg, n = _row(segment_document(TEXT, 64)[:6])
+    out = m(x, y, seg, n)
+    out["predict"].backward()
+    assert m.enc_embed.weight.grad.abs().sum() > 0  # the term trains the encoder
+    assert float(m.eval()(x, y, seg, n)["predict"]) == 0.0  # training only: never part of the code length
+
+
 def test_renderer_is_causal():
     m = micro_model()
     segs = segment_document(TEXT, 64)[:4]

@@ -368,7 +368,8 @@ def _dispatch(args) -> int:
             return 130
         if summary["final_eval"] is not None:  # None on the other ranks of a torchrun job: rank 0 evaluates
             print(f"trained {summary['step']} steps in {summary['train_elapsed']:.0f}s; "
-                  f"held-out bpb {summary['final_eval']['bpb']:.4f}; run directory {args.out}")
+                  f"validation-split bpb {summary['final_eval']['bpb']:.4f} (`sentcode eval {args.out}` scores the "
+                  f"test split); run directory {args.out}")
         else:
             print(f"trained {summary['step']} steps in {summary['train_elapsed']:.0f}s; run directory {args.out}")
         return 0

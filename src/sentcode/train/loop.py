@@ -300,7 +300,8 @@ def _evaluate(task, model, max_tokens, dist_info, logger, step, train_elapsed, b
     if logger:
         logger.log({"step": step, "train_elapsed": train_elapsed, "final": final,
                     **{f"val_{k}": v for k, v in result.items()}})
-    bar.message(f"step {step}: held-out {task.headline} {result[task.headline]:.4f}" + (" (full pass)" if final else ""))
+    bar.message(f"step {step}: validation-split {task.headline} {result[task.headline]:.4f}"
+                + (" (full pass)" if final else ""))
     barrier(dist_info)
     return result
 

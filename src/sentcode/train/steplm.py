@@ -62,7 +62,8 @@ def steplm_loss(model, batch) -> torch.Tensor:
     if raw.cfg.context_dropout > 0:
         cut = torch.rand(x.shape[0], n_seg, device=x.device) < raw.cfg.context_dropout
     out = model(x, y, seg, n_seg, drop=drop, cut=cut)
-    return (out["render_nats"] + out["plan_nats"]) / out["symbols"].clamp(min=1) + out["commit"]
+    return ((out["render_nats"] + out["plan_nats"]) / out["symbols"].clamp(min=1) + out["commit"]
+            + raw.cfg.predict_weight * out["predict"])
 
 
 def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device) -> TrainTask:

@@ -65,6 +65,8 @@ class StepLMModelConfig:
     code_dropout: float = 0.1  # share of training segments rendered without their codes (the no-code mode)
     context_dropout: float = 0.0  # share of training segments whose bytes see no earlier byte: the planner's
     # state is then their only view of the past, so the renderer must learn to read it
+    predict_weight: float = 0.0  # weight of a training-only contrastive loss: the planner's state for segment k
+    # must pick segment k's encoding out of the batch's (CPC), so encodings differ and states say what comes next
     pool: str = "mean"  # how a segment's encoder states become one vector: mean | attention (learned queries)
     cond_init: str = "zero"  # the condition projection's start: zero (a plain byte LM at step 0) | normal
     rope_theta: float = 10000.0
@@ -88,6 +90,8 @@ class StepLMModelConfig:
             raise ConfigError("model.levels must be >= 0 (0: codes off)")
         if not 0 <= self.code_dropout < 1:
             raise ConfigError("model.code_dropout must lie in [0, 1)")
+        if self.predict_weight < 0:
+            raise ConfigError("model.predict_weight must be >= 0")
         if not 0 <= self.context_dropout < 1:
             raise ConfigError("model.context_dropout must lie in [0, 1)")
         if self.pool not in ("mean", "attention"):
@@ -215,6 +219,8 @@ class StepLM(nn.Module):
         self.plan_start = nn.Parameter(torch.zeros(c.d_plan))
         self.planner = _Stack(c.block(c.d_plan, c.plan_layers, c.plan_heads, c.plan_kv_heads, None))
         self.cond = nn.Linear(c.d_plan, c.d_model, bias=False)
+        if c.predict_weight > 0:
+            self.predict = nn.Linear(c.d_plan, c.d_plan, bias=False)  # training only
         if c.levels:
             self.to_code = nn.Linear(c.enc_d_model, c.d_code, bias=False)
             self.rvq = ResidualVQ(c.d_code, c.levels, c.codebook_size, commitment=c.commitment)
@@ -300,8 +306,9 @@ class StepLM(nn.Module):
         renderer about its own segment is gone, its usual scale stays); ``drop``
         [B, n_seg] bool: segments rendered without codes (training's code dropout).
 
-        Returns {"render_nats", "plan_nats", "commit", "symbols"}: sums over the batch (nats), the commitment
-        term and the number of predicted symbols.
+        Returns {"render_nats", "plan_nats", "commit", "symbols", "predict"}: sums over the batch (nats), the
+        commitment term, the number of predicted symbols and the contrastive term (0 unless training with
+        ``predict_weight``).
         """
         e, pooled = self.encode_stream(x, seg, n_seg)
         o = self.plan(e)  # [B, M, d_plan]; o[:, j] conditions segment j
@@ -335,7 +342,20 @@ class StepLM(nn.Module):
         mask = y >= 0
         ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.clamp(min=0).reshape(-1), reduction="none")
         render_nats = (ce * mask.reshape(-1)).sum()
-        return {"render_nats": render_nats, "plan_nats": plan_nats, "commit": commit, "symbols": mask.sum()}
+        predict = o.new_zeros(())
+        if self.training and self.cfg.predict_weight > 0:
+            predict = self.predict_loss(o, e, scored_segments(y, seg, n_seg))
+        return {"render_nats": render_nats, "plan_nats": plan_nats, "commit": commit, "symbols": mask.sum(),
+                "predict": predict}
+
+    def predict_loss(self, o: torch.Tensor, e: torch.Tensor, valid: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+        """InfoNCE: state o_k against every encoding of the batch, the true one being e_k (van den Oord et al.
+        2018). A constant encoding cannot win it, so the encoder must tell segments apart."""
+        z = F.normalize(self.predict(o[valid]).float(), dim=-1)
+        t = F.normalize(e[valid].float(), dim=-1)
+        if z.shape[0] < 2:
+            return o.new_zeros(())
+        return F.cross_entropy(z @ t.T / tau, torch.arange(z.shape[0], device=z.device))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
