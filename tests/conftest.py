@@ -7,12 +7,15 @@ another job, and oversubscribed threads make PyTorch many times slower. Subproce
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# per-machine measurements (the CPU's peak FLOP/s) go to a fresh folder, not the user's cache
+os.environ["SENTCODE_CACHE"] = tempfile.mkdtemp(prefix="sentcode-test-cache-")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 torch.set_num_threads(1)
 

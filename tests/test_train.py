@@ -62,6 +62,48 @@ def test_loss_falls(trained_run, bytes_data):
     assert (run / "model.safetensors").is_file() and (run / "train_summary.json").is_file()
 
 
+def test_a_warmup_that_cannot_fit_is_shortened(bytes_data, tmp_path):
+    from sentcode.config import TrainConfig
+    from sentcode.train.loop import lr_at
+
+    cfg = TrainConfig(max_steps=100, warmup_steps=50, warmup_max_frac=0.1, lr=1.0, min_lr_ratio=0.0)
+    lrs = [lr_at(s / 100, s, cfg) for s in range(12)]
+    assert lrs[0] == pytest.approx(1 / 50) and lrs[5] == pytest.approx(0.5)  # 5% of the run: half way up
+    assert lrs[9] < 1.0 and lrs[10] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))  # warm by 10%
+    # under a time budget the share of the budget counts: 30% of it gone means warm, whatever the step
+    assert lr_at(0.3, 2, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+    with pytest.warns(UserWarning, match="warmup is shortened to 2 steps"):
+        train_lm(bytes_data, tmp_path / "r", overrides=TINY + ["train.warmup_steps=5"], max_steps=12, progress=False)
+
+
+def test_the_cpu_peak_is_measured_once_and_kept(tmp_path, monkeypatch):
+    from sentcode.train import precision
+
+    monkeypatch.setenv("SENTCODE_CACHE", str(tmp_path))
+    precision.cpu_peak.cache_clear()
+    first = precision.cpu_peak(1)
+    table = json.loads((tmp_path / "peak_flops.json").read_text())
+    (entry,) = table.values()
+    assert entry["flops"] == first > 0 and entry["cpu"] == precision.cpu_model() and entry["measured"]
+    entry["flops"] = 123.0
+    (tmp_path / "peak_flops.json").write_text(json.dumps(table))
+    precision.cpu_peak.cache_clear()
+    assert precision.cpu_peak(1) == 123.0  # read back, not measured again
+    precision.cpu_peak.cache_clear()
+
+
+def test_an_mfu_over_100_percent_is_not_printed(capsys):
+    from sentcode.train.loop import _mfu
+    from sentcode.train.progress import Progress
+
+    bar = Progress(10, live=False, log_every=1)
+    assert _mfu(0.4, bar) == 0.4
+    assert _mfu(1.7, bar) is None and _mfu(2.0, bar) is None
+    bar.update(1, {"loss": 1.0, "lr": 1e-3, "tok_s": 10.0, "mfu": None}, 0.1)
+    out = capsys.readouterr().out
+    assert out.count("over 100%") == 1 and "mfu ?" in out and "170" not in out
+
+
 def test_exact_resume_in_process(bytes_data, tmp_path):
     """Guards inexact resume (schedule, optimizer, loader or RNG state not restored): losses must match bit for bit."""
     a = tmp_path / "a"

@@ -70,6 +70,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
+    warmup_max_frac: float = 0.1  # warmup also ends once this share of the run (steps or time budget) has passed
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -97,31 +98,52 @@ class TrainConfig:
             )
         if self.precision not in ("auto", "bf16", "fp32", "fp16"):
             raise ConfigError(f"train.precision must be auto, bf16, fp32 or fp16, not {self.precision!r}")
+        if not 0 < self.warmup_max_frac <= 1:
+            raise ConfigError("train.warmup_max_frac must lie in (0, 1]")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.min_lr_ratio must lie in [0, 1]")
         if self.lr <= 0:
             raise ConfigError("train.lr must be positive")
 
 
+class RunConfig:
+    """What every run config shares (a dataclass of sections plus ``family``): ``validate`` checks the family,
+    validates each section that can validate itself, then the cross-section rules of ``check``."""
+
+    kind = "training"  # what the run is called in messages
+
+    def validate(self):
+        expected = type(self).__dataclass_fields__["family"].default
+        if self.family != expected:
+            raise ConfigError(f"family must be {expected!r} for a {self.kind} run, not {self.family!r}")
+        for f in fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Rules between sections (none by default)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class LMConfig:
+class LMConfig(RunConfig):
     """A flat language model and how to train it."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     family: str = "lm"
+    kind = "flat LM"
 
-    def validate(self) -> "LMConfig":
-        self.model.validate()
-        self.train.validate()
+    def check(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _round32(x: float) -> int:

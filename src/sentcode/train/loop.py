@@ -57,10 +57,19 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def warmup_left(step_frac: float, step: int, cfg: TrainConfig) -> float:
+    """How far warmup has come (1: done): ``warmup_steps`` steps, or ``warmup_max_frac`` of the run (of
+    ``max_steps`` or of the time budget, whichever is the nearer end), whichever comes first."""
+    by_steps = (step + 1) / cfg.warmup_steps if cfg.warmup_steps > 0 else 1.0
+    return min(1.0, max(by_steps, step_frac / cfg.warmup_max_frac))
+
+
 def lr_at(step_frac: float, step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine from lr down to lr * min_lr_ratio at the end of training."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    """Linear warmup, then cosine from lr down to lr * min_lr_ratio at the end of training (by the share of
+    the run done: steps of ``max_steps`` or seconds of the time budget, whichever is further along)."""
+    w = warmup_left(step_frac, step, cfg)
+    if w < 1.0:
+        return cfg.lr * w
     t = min(max(step_frac, 0.0), 1.0)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
@@ -113,6 +122,17 @@ def _trim_metrics(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
     write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _mfu(value: float, bar) -> float | None:
+    """MFU, or None when it comes out over 100%: the peak it divides by was measured too low (said once)."""
+    if value <= 1.0:
+        return value
+    if not getattr(bar, "_said_mfu", False):
+        bar._said_mfu = True
+        bar.message("MFU would read over 100%: the CPU's peak FLOP/s in the cache was measured while the machine was "
+                    "busy; delete peak_flops.json in $SENTCODE_CACHE (default ~/.cache/sentcode) to measure it again")
+    return None
 
 
 def _set_aside(path: Path) -> None:
@@ -218,10 +238,21 @@ def run_training(
     status = "completed"
     last_eval = None
     next_eval_s = (train_elapsed // cfg.eval_interval_s + 1) * cfg.eval_interval_s if cfg.eval_interval_s else None
+    fit = math.ceil(cfg.warmup_max_frac * cfg.max_steps)
+    if step == 0 and cfg.warmup_steps > fit:
+        warnings.warn(f"train.warmup_steps={cfg.warmup_steps} is more than {cfg.warmup_max_frac:.0%} of "
+                      f"train.max_steps={cfg.max_steps}: warmup is shortened to {fit} steps")
+    warming = step < cfg.warmup_steps
     with _StopFlag(bar) as stop:
         model.train()
         while frac_done() < 1.0:
             lr = lr_at(frac_done(), step, cfg)
+            if warming and warmup_left(frac_done(), step, cfg) >= 1.0:
+                warming = False
+                if step + 1 < min(cfg.warmup_steps, fit) and dist_info.is_main:
+                    bar.message(f"warmup shortened to {step + 1} steps: {cfg.warmup_max_frac:.0%} of the "
+                                f"{cfg.time_budget_s:g} s time budget has passed (train.warmup_steps="
+                                f"{cfg.warmup_steps})")
             for g in optimizer.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
@@ -255,7 +286,7 @@ def run_training(
             loss_val = all_reduce_mean(loss_sum / accum, dist_info)
             tok_s = step_tokens / dt
             info = {
-                "loss": loss_val, "lr": lr, "tok_s": tok_s, "mfu": task.flops_per_token * tok_s / peak,
+                "loss": loss_val, "lr": lr, "tok_s": tok_s, "mfu": _mfu(task.flops_per_token * tok_s / peak, bar),
                 "grad_norm": grad_norm,
             }
             if logger:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
+import platform
 import time
 from pathlib import Path
 
 import torch
 
 from sentcode.errors import ConfigError
+from sentcode.io import write_json
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -64,10 +68,48 @@ def peak_flops(device_type: str, precision: str) -> float:
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         return next((v for k, v in _GPU_PEAK_BF16.items() if k in name), 100e12)
-    threads = torch.get_num_threads()
+    return cpu_peak(torch.get_num_threads())
+
+
+def cache_dir() -> Path:
+    """Where per-machine measurements are kept: $SENTCODE_CACHE, or ~/.cache/sentcode."""
+    return Path(os.environ.get("SENTCODE_CACHE") or Path.home() / ".cache" / "sentcode")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_peak(threads: int) -> float:
+    """The CPU's peak matrix FLOP/s at ``threads`` threads, measured once per machine and kept in
+    ``cache_dir()/peak_flops.json`` with the CPU model and the date. A peak measured while other work shares
+    the cores comes out low and inflates every MFU after it: measure on a quiet machine (delete the file to
+    measure again), and an MFU over 100% is never printed."""
+    path = cache_dir() / "peak_flops.json"
+    key = f"{cpu_model()} | {threads} thread(s) | torch {torch.__version__}"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if isinstance(table, dict) and isinstance(table.get(key), dict) and table[key].get("flops", 0) > 0:
+        return float(table[key]["flops"])
     best = _measure_matmul(torch.float32, threads=threads)
     if cpu_has_fast_bf16():
         best = max(best, _measure_matmul(torch.bfloat16, threads=threads))
+    table = table if isinstance(table, dict) else {}
+    table[key] = {"flops": best, "cpu": cpu_model(), "threads": threads, "measured": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, table)
+    except OSError:
+        pass  # a read-only home: measured again next time
     return best
 
 

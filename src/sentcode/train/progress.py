@@ -35,7 +35,8 @@ class Progress:
         eta = elapsed / max(frac, 1e-9) * (1 - frac) if frac > 0 else float("nan")
         text = (
             f"loss {info['loss']:.4f}  lr {info['lr']:.2e}  tok/s {info['tok_s']:,.0f}  "
-            f"mfu {info['mfu'] * 100:.1f}%  eta {_fmt_time(eta) if eta == eta else '?'}"
+            f"mfu {'?' if info['mfu'] is None else format(info['mfu'] * 100, '.1f') + '%'}  "
+            f"eta {_fmt_time(eta) if eta == eta else '?'}"
         )
         if self.live:
             self._bar.update(self._task, completed=frac, step=step, info=text)

@@ -7,9 +7,9 @@ keys and wrongly typed values are reported the same way.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from sentcode.config import TrainConfig
+from sentcode.config import RunConfig, TrainConfig
 from sentcode.errors import ConfigError
 
 OBJECTIVES = ("next", "same")
@@ -69,7 +69,7 @@ class EncoderConfig:
 
 
 @dataclass
-class EncoderRunConfig:
+class EncoderRunConfig(RunConfig):
     """A sentence encoder and how to train it.
 
     ``train`` is the shared ``TrainConfig``, read for contrastive batches: ``micro_batch`` is the number of
@@ -83,11 +83,9 @@ class EncoderRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     family: str = FAMILY
 
-    def validate(self) -> "EncoderRunConfig":
-        if self.family != FAMILY:
-            raise ConfigError(f"family must be {FAMILY!r} for a sentence-encoder run, not {self.family!r}")
-        self.encoder.validate()
-        self.train.validate()
+    kind = "sentence-encoder"
+
+    def check(self) -> None:
         if self.train.seq_len != self.encoder.max_bytes:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} must equal encoder.max_bytes={self.encoder.max_bytes} "
@@ -95,10 +93,7 @@ class EncoderRunConfig:
             )
         if self.train.micro_batch < 2:
             raise ConfigError("train.micro_batch must be at least 2: a contrastive batch needs negatives")
-        return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # The sentence-LM plan calls the run config by this name.

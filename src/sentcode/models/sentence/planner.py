@@ -23,13 +23,13 @@ training and at inference.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sentcode.config import ModelConfig, TrainConfig
+from sentcode.config import ModelConfig, RunConfig, TrainConfig
 from sentcode.errors import ConfigError, SentcodeError
 from sentcode.nn.sampling import check_sampling, sample_next as sample_logits
 from sentcode.models.lm import Block
@@ -101,26 +101,21 @@ class PlannerTrainConfig(TrainConfig):
 
 
 @dataclass
-class PlannerRunConfig:
+class PlannerRunConfig(RunConfig):
     """A planner and how to train it; ``train.seq_len`` must not exceed ``planner.max_steps``."""
 
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     train: PlannerTrainConfig = field(default_factory=PlannerTrainConfig)
     family: str = FAMILY
 
-    def validate(self) -> PlannerRunConfig:
-        if self.family != FAMILY:
-            raise ConfigError(f"family must be {FAMILY!r} for a planner run, not {self.family!r}")
-        self.planner.validate()
-        self.train.validate()
+    kind = "planner"
+
+    def check(self) -> None:
         if self.train.seq_len > self.planner.max_steps:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds planner.max_steps={self.planner.max_steps}"
             )
-        return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def load_planner_config(preset: str | None = None, overrides: list[str] | None = None) -> PlannerRunConfig:

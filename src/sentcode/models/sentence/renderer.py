@@ -19,13 +19,13 @@ context-conditioned sentence LM with the same trunk, so the two are directly com
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from sentcode.config import ModelConfig, TrainConfig
+from sentcode.config import ModelConfig, RunConfig, TrainConfig
 from sentcode.errors import ConfigError, SentcodeError
 from sentcode.nn.sampling import check_sampling, make_generator, sample_next
 from sentcode.models.lm import Block
@@ -114,7 +114,7 @@ class RendererConfig:
 
 
 @dataclass
-class RendererRunConfig:
+class RendererRunConfig(RunConfig):
     """A renderer and how to train it.
 
     ``train`` is the shared ``TrainConfig``, read for sentence batches: ``micro_batch`` is the number of
@@ -129,20 +129,15 @@ class RendererRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     family: str = FAMILY
 
-    def validate(self) -> "RendererRunConfig":
-        if self.family != FAMILY:
-            raise ConfigError(f"family must be {FAMILY!r} for a renderer run, not {self.family!r}")
-        self.renderer.validate()
-        self.train.validate()
+    kind = "renderer"
+
+    def check(self) -> None:
         if self.train.seq_len != self.renderer.max_sentence_bytes:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} must equal renderer.max_sentence_bytes="
                 f"{self.renderer.max_sentence_bytes} for a renderer (set both)"
             )
-        return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def load_renderer_config(preset: str | None = None, overrides: list[str] | None = None) -> RendererRunConfig:

@@ -18,14 +18,14 @@ sentence. The model has no token-level training signal of its own here: see ``se
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from sentcode.config import TrainConfig
+from sentcode.config import RunConfig, TrainConfig
 from sentcode.errors import ConfigError, SentcodeError
 from sentcode.nn.sampling import make_generator
 from sentcode.nn import CausalSelfAttention, RMSNorm, SwiGLU, rope_cos_sin
@@ -133,25 +133,20 @@ class NARTrainConfig(TrainConfig):
 
 
 @dataclass
-class NARRunConfig:
+class NARRunConfig(RunConfig):
     """A NAR renderer and how to train it; ``train.seq_len`` must equal ``renderer.max_bytes``."""
 
     renderer: NARRendererConfig = field(default_factory=NARRendererConfig)
     train: NARTrainConfig = field(default_factory=NARTrainConfig)
     family: str = FAMILY
 
-    def validate(self) -> "NARRunConfig":
-        if self.family != FAMILY:
-            raise ConfigError(f"family must be {FAMILY!r} for a NAR renderer run, not {self.family!r}")
-        self.renderer.validate()
-        self.train.validate()
+    kind = "NAR renderer"
+
+    def check(self) -> None:
         if self.train.seq_len != self.renderer.max_bytes:
             raise ConfigError(f"train.seq_len={self.train.seq_len} must equal renderer.max_bytes="
                               f"{self.renderer.max_bytes} for a NAR renderer (set both)")
-        return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def load_nar_config(preset: str | None = None, overrides: list[str] | None = None) -> NARRunConfig:

@@ -23,13 +23,13 @@ of the document is predicted once, plus one end-of-segment symbol per segment.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sentcode.config import ModelConfig, TrainConfig
+from sentcode.config import ModelConfig, RunConfig, TrainConfig
 from sentcode.errors import ConfigError
 from sentcode.models.lm import Block
 from sentcode.nn import LayerCache, RMSNorm, rope_cos_sin
@@ -113,7 +113,7 @@ class StepLMData:
 
 
 @dataclass
-class StepLMConfig:
+class StepLMConfig(RunConfig):
     """An end-to-end sentence-step LM and how to train it (``train.seq_len``: stream positions per row)."""
 
     model: StepLMModelConfig = field(default_factory=StepLMModelConfig)
@@ -121,18 +121,12 @@ class StepLMConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     family: str = FAMILY
 
-    def validate(self) -> "StepLMConfig":
-        if self.family != FAMILY:
-            raise ConfigError(f"family must be {FAMILY!r} for an end-to-end sentence-step LM, not {self.family!r}")
-        self.model.validate()
-        self.train.validate()
+    kind = "end-to-end sentence-step LM"
+
+    def check(self) -> None:
         if self.train.seq_len < self.model.max_segment_bytes + 1:
             raise ConfigError(f"train.seq_len={self.train.seq_len} must hold one whole segment "
                               f"(model.max_segment_bytes + 1 = {self.model.max_segment_bytes + 1})")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class _Stack(nn.Module):
