@@ -322,5 +322,14 @@ def test_side_by_side_demo(tmp_path, capsys):
     assert r["table"][0]["bpb"] == pytest.approx(r["flat"]["bpb"]) and r["table"][1]["bpb"] == pytest.approx(r["sentence"]["bpb"])
     for row in r["table"]:
         assert row["bytes_s"] > 0 and row["params"] > 0 and 0 < row["bpb"] < 20
-        assert row["model"] in out
-    assert "[flat byte LM]" in out and "[sentence-step LM]" in out
+        assert row["model"] in out and (0 <= row["real_words"] <= 1 or row["real_words"] != row["real_words"])
+    assert "[flat byte LM]" in out and "[sentence-step LM]" in out and "occur in the training text" in out
+
+
+def test_word_share_counts_words_of_the_training_text():
+    from sentcode.eval.words import vocabulary, word_share
+
+    vocab = vocabulary("The nation's economy grew. We must act!")
+    assert word_share("the Nation's economy discribition", vocab) == (0.75, 4)
+    share, n = word_share(["", "123 --"], vocab)
+    assert n == 0 and share != share  # no words: no figure
