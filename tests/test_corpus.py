@@ -118,6 +118,21 @@ def test_small_corpus_paragraph_split(tmp_path):
     assert joined == "\n\n".join(paragraphs)
 
 
+def test_long_paragraphs_fall_back_to_lines_then_bytes(tmp_path):
+    """One 30 kB paragraph and a few short ones: cutting at paragraphs would give test the whole long one, so
+    the split moves to lines (and, with no lines either, to bytes) and says so."""
+    lines = [f"Line {i} of a long paragraph" + " word" * 8 for i in range(600)]
+    (tmp_path / "a.txt").write_text("Intro.\n\nMore.\n\n" + "\n".join(lines))
+    with pytest.warns(UserWarning, match="split at line boundaries"):
+        splits = load_corpus(tmp_path / "a.txt")
+    sizes = [len(s[0].text) for s in (splits.train, splits.val, splits.test)]
+    assert all(0.5 * 0.05 * sum(sizes) <= n <= 2 * 0.05 * sum(sizes) for n in sizes[1:])
+    (tmp_path / "b.txt").write_text("Intro.\n\nMore.\n\n" + "x" * 30000)
+    with pytest.warns(UserWarning, match="split at byte boundaries"):
+        splits = load_corpus(tmp_path / "b.txt")
+    assert len(splits.test[0].text) == pytest.approx(0.05 * 30014, rel=0.1)
+
+
 def test_tiny_corpus_falls_back_then_fails(tmp_path):
     (tmp_path / "lines.txt").write_text("one\ntwo\nthree")
     splits = load_corpus(tmp_path / "lines.txt")

@@ -6,7 +6,9 @@ Each source is split on its own, by the rule that suits its shape:
   before them to val, so evaluation measures generalisation to later text;
 * 20 or more documents are assigned by a stable hash of their id, so adding documents moves few others;
 * fewer documents (one big text file, say) are cut at paragraph boundaries, with the tail of the text
-  going to val and test, so both get about their share of the bytes.
+  going to val and test, so both get about their share of the bytes; when paragraphs are too long for that
+  (a held-out part of 1,000 bytes or more would miss its share by more than half), at line boundaries, else
+  anywhere (by bytes), with a warning that says which rule was used.
 
 Source weights apply to train only (held-out metrics stay comparable across corpus mixes): the integer part
 repeats every document, the fractional part selects that share of documents by hash.
@@ -18,6 +20,7 @@ import hashlib
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -83,13 +86,16 @@ def _split_by_hash(docs: list[Document], val_frac: float, test_frac: float):
     return tuple(sorted(p, key=lambda d: order[id(d)]) for p in parts)
 
 
-def _units(text: str) -> tuple[list[str], str]:
-    """Cut text into paragraphs, else lines, else characters, whichever first gives at least 3 pieces."""
-    for pattern, sep in ((r"\n{2,}", "\n\n"), (r"\n", "\n")):
-        pieces = [p for p in re.split(pattern, text) if p.strip()]
-        if len(pieces) >= 3:
-            return pieces, sep
-    return list(text), ""
+_LEVELS = (("paragraph", r"\n{2,}", "\n\n"), ("line", r"\n", "\n"), ("byte", None, ""))
+
+
+def _units(text: str, pattern: str | None) -> list[str]:
+    """Paragraphs or lines (empty ones dropped), or characters when ``pattern`` is None."""
+    return [p for p in re.split(pattern, text) if p.strip()] if pattern else list(text)
+
+
+def _nbytes(parts: list[str]) -> int:
+    return sum(len(p.encode("utf-8", "surrogateescape")) for p in parts)
 
 
 def _take_tail(units: list[str], target_bytes: float, keep: int) -> int:
@@ -103,18 +109,40 @@ def _take_tail(units: list[str], target_bytes: float, keep: int) -> int:
     return k
 
 
-def _split_by_paragraph(docs: list[Document], val_frac: float, test_frac: float):
-    text = "\n\n".join(d.text for d in docs)
-    units, sep = _units(text)
-    total = len(text.encode("utf-8", "surrogateescape"))
+def _cut(units: list[str], total: int, val_frac: float, test_frac: float):
+    """(train, val, test) units, or None when there are too few units."""
     need_val, need_test = val_frac > 0, test_frac > 0
     if len(units) < 1 + need_val + need_test:
         return None
     n_test = _take_tail(units, total * test_frac, keep=1 + need_val)
     rest = units[: len(units) - n_test]
     n_val = _take_tail(rest, total * val_frac, keep=1)
-    train_units = rest[: len(rest) - n_val]
+    return rest[: len(rest) - n_val], rest[len(rest) - n_val :], units[len(rest) :]
+
+
+MIN_SHARE_BYTES = 1000  # below this a held-out share is a few lines at best: the coarsest cut that works is kept
+
+
+def _near(parts, total: int, val_frac: float, test_frac: float) -> bool:
+    """Each held-out part within half to twice its share of the bytes (always, for shares too small to aim)."""
+    return all(frac <= 0 or frac * total < MIN_SHARE_BYTES or 0.5 * frac * total <= _nbytes(p) <= 2 * frac * total
+               for p, frac in ((parts[1], val_frac), (parts[2], test_frac)))
+
+
+def _split_by_paragraph(docs: list[Document], val_frac: float, test_frac: float):
+    text = "\n\n".join(d.text for d in docs)
+    total = len(text.encode("utf-8", "surrogateescape"))
     base = docs[0].doc_id if len(docs) == 1 else docs[0].source
+    for level, pattern, sep in _LEVELS:
+        parts = _cut(_units(text, pattern), total, val_frac, test_frac)
+        if parts is not None and (level == "byte" or _near(parts, total, val_frac, test_frac)):
+            break
+    if parts is None:
+        return None
+    if level != "paragraph":
+        warnings.warn(f"{base}: its paragraphs are too few or too long to hold out about {val_frac:.0%} and "
+                      f"{test_frac:.0%} of its bytes, so it is split at {level} boundaries instead")
+    train_units, val_units, test_units = parts
     first = docs[0]
 
     def piece(parts: list[str], name: str) -> list[Document]:
@@ -122,11 +150,7 @@ def _split_by_paragraph(docs: list[Document], val_frac: float, test_frac: float)
             return []
         return [Document(sep.join(parts), first.source, f"{base}#{name}", first.weight)]
 
-    return (
-        piece(train_units, "train"),
-        piece(rest[len(train_units) :], "val"),
-        piece(units[len(rest) :], "test"),
-    )
+    return piece(train_units, "train"), piece(val_units, "val"), piece(test_units, "test")
 
 
 def _weighted(train: list[Document]) -> list[Document]:
