@@ -274,7 +274,7 @@ def test_bad_pipeline_config(tmp_path, override, match):
 
 def test_flat_preset_is_rejected(tmp_path, capsys):
     rc, _, err = cli(capsys, "pipeline", "sentence", "--corpus", "sample", "--preset", "tiny", "--out", tmp_path / "r")
-    assert rc == 2 and "'tiny' is a flat LM preset" in err and "sentcode train lm" in err
+    assert rc == 2 and "'tiny' is a flat LM config" in err and "sentcode train lm --data DATA --preset tiny" in err
     assert not (tmp_path / "r").exists()
 
 

@@ -250,8 +250,8 @@ def _dispatch_sentence(args) -> int:
         corpus = args.corpus if len(args.corpus) > 1 else args.corpus[0]
         fam = family(_preset_family(args.preset), where=f"preset {args.preset!r}")
         if not fam.steps_by_sentence:
-            raise SentcodeError(f"preset {args.preset!r} is a {fam.label} preset: train it with "
-                                "`sentcode data` and `sentcode train lm`")
+            raise SentcodeError(f"preset {args.preset!r} is a {fam.label} config; train it with "
+                                f"`{fam.command.format(preset=args.preset)}`")
         if not fam.staged:
             return _train_end_to_end(args, corpus, fam)
         if args.resume is not None:
