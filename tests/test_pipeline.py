@@ -318,12 +318,12 @@ def test_side_by_side_demo(tmp_path, capsys):
     r = run_demo(tmp_path / "demo", corpus="sample", minutes=0.05,
                  sentence_overrides=[o for o in STEP_MICRO if not o.startswith("train.max_steps")])
     out = capsys.readouterr().out
-    assert [row["model"] for row in r["table"]] == ["flat byte LM", "sentence-step LM"]
+    assert [row["model"] for row in r["table"]] == ["flat LM (bpe)", "sentence-step LM"]
     assert r["table"][0]["bpb"] == pytest.approx(r["flat"]["bpb"]) and r["table"][1]["bpb"] == pytest.approx(r["sentence"]["bpb"])
     for row in r["table"]:
         assert row["bytes_s"] > 0 and row["params"] > 0 and 0 < row["bpb"] < 20
         assert row["model"] in out and (0 <= row["real_words"] <= 1 or row["real_words"] != row["real_words"])
-    assert "[flat byte LM]" in out and "[sentence-step LM]" in out and "occur in the training text" in out
+    assert "[flat LM (bpe)]" in out and "[sentence-step LM]" in out and "occur in the training text" in out
 
 
 def test_word_share_counts_words_of_the_training_text():

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sentcode.errors import DataError
 from sentcode.io import write_json
 
 META_FILE = "tokenizer_meta.json"
@@ -73,25 +71,3 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
-
-
-def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer saved with ``Tokenizer.save``; the meta file says which kind it is."""
-    directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise DataError(f"no tokenizer at {directory} (missing {META_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        kind = meta["kind"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"corrupt tokenizer meta {meta_path}: {e}") from None
-    if kind == "bytes":
-        from sentcode.tokenizer.bytes import ByteTokenizer
-
-        return ByteTokenizer()
-    if kind == "bpe":
-        from sentcode.tokenizer.bpe import BPETokenizer
-
-        return BPETokenizer.load(directory, meta)
-    raise DataError(f"unknown tokenizer kind {kind!r} in {meta_path}")
