@@ -72,6 +72,10 @@ class StepLMGenerator:
 
     # ---- pieces -----------------------------------------------------------------------------------------
 
+    def new_state(self) -> _State:
+        """A fresh document: empty planner and renderer caches."""
+        return _State(self.model)
+
     def segments(self, text: str | bytes) -> list[bytes]:
         from sentcode.corpus.segments import segment_document
 

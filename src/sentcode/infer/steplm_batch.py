@@ -37,10 +37,8 @@ class _Row:
 def _read_prompt(gen, segments: list[bytes], temperature, rng) -> tuple[object, bytes, list[int], list[torch.Tensor]]:
     """The planner state after the prompt's completed segments, the segment in progress, and the renderer's
     input ids for the whole prompt with each position's condition (the segment in progress under its plan)."""
-    from sentcode.infer.steplm import _State
-
     m = gen.model
-    st = _State(m)
+    st = gen.new_state()
     done, current = segments[:-1][-(m.cfg.max_segments - 1):], (segments[-1] if segments else b"")
     gen._plan(st, None)
     ids, conds = [], []
