@@ -49,6 +49,14 @@ def run_copy(trained_run, tmp_path):
     return dst
 
 
+def test_printed_bpb_names_the_text_it_was_measured_on(capsys, bytes_data, tmp_path):
+    out = tmp_path / "run"
+    rc, stdout, _ = run_cli(capsys, train_args(bytes_data, out, "--max-steps", 2))
+    assert rc == 0 and "validation-split bpb" in stdout and "held-out" not in stdout
+    rc, stdout, _ = run_cli(capsys, ["eval", out])
+    assert rc == 0 and stdout.startswith("test split of ")
+
+
 # ---------------------------------------------------------------- data prepare
 
 

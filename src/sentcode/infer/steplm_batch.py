@@ -24,7 +24,7 @@ from sentcode.models.sentence.steplm import trim_cache
 from sentcode.nn.sampling import make_generator, sample_next
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     index: int  # position in the caller's list
     state: object  # the generator's per-document planner state (its renderer cache is not used here)
@@ -101,7 +101,8 @@ def generate_batch(gen, prompts: list[list[bytes]], max_sentences: int, temperat
                 t, r.pending = r.pending, None
             else:
                 t = int(nxt[b])
-                if t >= 256 or len(r.prefix) + len(r.written) >= max_bytes:  # the end-of-segment symbol
+                # the end-of-segment symbol, or a prompt whose segment in progress is already full
+                if t >= 256 or len(r.prefix) + len(r.written) >= max_bytes:
                     if _end_segment(gen, r, max_sentences, temperature, rng):
                         out[r.index] = _text(r)
                         continue  # the row leaves the batch
@@ -124,11 +125,11 @@ def generate_batch(gen, prompts: list[list[bytes]], max_sentences: int, temperat
         pos += 1
         trim_cache(cache, W)
         pad = pad[:, -W:]
-        for r in ended:
-            if r in rows and _end_segment(gen, r, max_sentences, temperature, rng):
+        for r in ended:  # rows whose segment filled up with the byte just read (all still in the batch)
+            if _end_segment(gen, r, max_sentences, temperature, rng):
                 out[r.index] = _text(r)
-                r.pending = -1  # finished: leaves at the next step
-            elif r in rows:
+                r.pending = -1  # finished: leaves the batch below
+            else:
                 r.pending = BOS
         keep = [b for b, r in enumerate(rows) if r.pending != -1]
         if not keep:
