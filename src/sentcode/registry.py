@@ -65,8 +65,9 @@ def family(name: str | None, where: object = None) -> Family:
 
 
 def check_preset_family(data: dict, expected: str, preset: str) -> None:
-    """Refuse a preset or config file of another family with the command that takes it."""
-    found = data.get("family", "lm")
+    """Refuse a preset or config file of another family with the command that takes it (a file that names no
+    family is left to the config's own validation)."""
+    found = data.get("family", expected)
     if found != expected:
         fam = family(found, where=f"preset {preset!r}")
         raise ConfigError(f"preset {preset!r} is a {fam.label} config; train it with `{fam.command.format(preset=preset)}`")
