@@ -104,7 +104,9 @@ def evaluate_steplm_run(gen, text_file=None, split: str = "test") -> dict:
 
     if text_file is not None:
         return {"family": "steplm", "source": str(text_file), **gen.score_details(read_text_file(text_file))}
-    cached, weights = gen.run_dir / "eval.json", gen.run_dir / "model.safetensors"
+    from sentcode.models.sentence.steplm import WEIGHTS
+
+    cached, weights = gen.run_dir / "eval.json", gen.run_dir / WEIGHTS
     if split == "test" and cached.is_file() and weights.is_file() and cached.stat().st_mtime >= weights.stat().st_mtime:
         return json.loads(cached.read_text())
     data = SegmentSplit.load(gen.run_dir / "data" / f"{split}.npz")

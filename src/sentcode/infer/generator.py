@@ -53,6 +53,7 @@ def load_lm_weights(model: torch.nn.Module, run_dir: Path) -> str:
     if latest is None:
         raise CheckpointError(f"{run_dir} has no trained weights yet (no model.safetensors and no checkpoint)")
     ckpt_io.load_model_state(model, ckpt_io.load_checkpoint(latest)["model"], str(latest))
+    ckpt_io.forget_loaded()
     return str(latest)
 
 

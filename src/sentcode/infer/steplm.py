@@ -25,7 +25,7 @@ import torch
 from sentcode.data.segments import BOS, build_row
 from sentcode.errors import SentcodeError
 from sentcode.nn.sampling import check_sampling, make_generator, sample_next
-from sentcode.models.sentence.steplm import FAMILY, StepLM, StepLMConfig, trim_cache
+from sentcode.models.sentence.steplm import FAMILY, WEIGHTS, StepLM, StepLMConfig, trim_cache
 
 MAX_SENTENCES = 64
 
@@ -250,17 +250,16 @@ class StepLMGenerator:
 
     def score_details(self, text: str | bytes) -> dict:
         """Bits per byte of ``text`` as one document (exact one-part, or two-part with codes on)."""
+        from sentcode.corpus.segments import segment_arrays
         from sentcode.data.segments import SegmentSplit
         from sentcode.eval.steplm import evaluate_segments
-        import numpy as np
 
-        segs = self.segments(text)
-        if not segs:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "surrogateescape")
+        arrays = segment_arrays([text], self.max_bytes)
+        if not arrays["bytes"].size:
             raise SentcodeError("cannot score empty text")
-        data = b"".join(segs)
-        starts = np.cumsum([0] + [len(s) for s in segs]).astype(np.int64)
-        split = SegmentSplit(np.frombuffer(data, dtype=np.uint8), starts, np.array([0, len(segs)], dtype=np.int64))
-        return evaluate_segments(self.model, split, self.device)
+        return evaluate_segments(self.model, SegmentSplit(**arrays), self.device)
 
     def score(self, text: str | bytes) -> float:
         return self.score_details(text)["bpb"]
@@ -273,5 +272,5 @@ def load_steplm(run_dir: str | Path, device: str = "cpu", renderer: str | None =
         raise SentcodeError("this end-to-end sentence-step run has no NAR renderer; use the AR renderer")
     cfg = read_run_config(run_dir, FAMILY, StepLMConfig)
     model = StepLM(cfg.model).to(device)
-    load_weights(model, run_dir, "model.safetensors")
+    load_weights(model, run_dir, WEIGHTS)
     return StepLMGenerator(model, cfg, Path(run_dir))

@@ -87,11 +87,16 @@ def generate_batch(gen, prompts: list[list[bytes]], max_sentences: int, temperat
         x[b, L - len(row_ids):] = torch.tensor(row_ids, device=dev)
         cond[b, L - len(row_ids):] = c
         pad[b, L - len(row_ids):] = True
+    # Read the prompts a window at a time: one call over all L positions would build an L x L mask (a 64 kB
+    # prompt: 4G entries), and no query sees more than the window anyway.
     cache = m.renderer.new_cache()
-    logits = m.render(x, cond, 0, cache, pad)[:, -1]
-    pos = L
-    trim_cache(cache, W)
-    pad = pad[:, -W:]
+    seen = pad[:, :0]
+    for s in range(0, L, W):
+        seen = torch.cat([seen, pad[:, s:s + W]], 1)
+        logits = m.render(x[:, s:s + W], cond[:, s:s + W], s, cache, seen)[:, -1]
+        trim_cache(cache, W)
+        seen = seen[:, -W:]
+    pos, pad = L, seen
     out = [""] * len(rows)
     while rows:
         nxt = sample_next(logits, temperature, top_k, top_p, generator=rng)

@@ -70,10 +70,19 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
+# The last checkpoint read, keyed by (path, mtime, size): resuming reads the same file when ``--resume auto``
+# picks it, when the run's config is checked against it and when the loop restores it; it is read once.
+_last: dict[tuple, dict[str, Any]] = {}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key in _last:
+        return _last[key]
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
@@ -82,7 +91,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a sentcode checkpoint")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, this sentcode reads {VERSION}")
+    _last.clear()
+    _last[key] = ckpt
     return ckpt
+
+
+def forget_loaded() -> None:
+    """Drop the kept checkpoint (once it has been restored, so its tensors are not held for the whole run)."""
+    _last.clear()
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -112,6 +128,12 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _step_files(d: Path) -> list[Path]:
+    """The step checkpoints in ``d``, oldest first."""
+    found = sorted((int(m.group(1)), p) for p in d.glob("step-*.pt") if (m := _STEP_RE.search(p.name)))
+    return [p for _, p in found]
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     d = checkpoint_dir(run_dir)
     pointer = d / "latest.json"
@@ -122,8 +144,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
                 return p
         except (ValueError, KeyError):
             pass
-    found = sorted((int(m.group(1)), p) for p in d.glob("step-*.pt") if (m := _STEP_RE.search(p.name)))
-    return found[-1][1] if found else None
+    found = _step_files(d)
+    return found[-1] if found else None
 
 
 def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
@@ -136,8 +158,7 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
         return Path(resume)
     d = checkpoint_dir(run_dir)
     newest = latest_checkpoint(run_dir)
-    found = sorted(((int(m.group(1)), p) for p in d.glob("step-*.pt") if (m := _STEP_RE.search(p.name))), reverse=True)
-    order = ([newest] if newest is not None else []) + [p for _, p in found if p != newest]
+    order = ([newest] if newest is not None else []) + [p for p in reversed(_step_files(d)) if p != newest]
     if not order:
         raise SentcodeError(f"--resume auto: no checkpoint to resume in {run_dir}")
     skipped = []
@@ -159,7 +180,6 @@ def save_step(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int
     path = d / f"step-{step:07d}.pt"
     save_checkpoint(path, payload)
     write_json(d / "latest.json", {"file": path.name, "step": step})
-    found = sorted((int(m.group(1)), p) for p in d.glob("step-*.pt") if (m := _STEP_RE.search(p.name)))
-    for _, old in found[:-keep] if keep > 0 else []:
+    for old in _step_files(d)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

@@ -54,4 +54,5 @@ def load_weights(model: torch.nn.Module, run_dir: str | Path, weights_name: str)
         if latest is None:
             raise CheckpointError(f"{run_dir} has neither {weights_name} nor a checkpoint to load")
         ckpt_io.load_model_state(model, ckpt_io.load_checkpoint(latest)["model"], str(latest))
+        ckpt_io.forget_loaded()
     return model

@@ -197,6 +197,8 @@ def run_training(
         task.batches.load_state_dict(state["loader"])
         ckpt_io.set_rng_state(state["rng"])
         step, train_elapsed, tokens_seen = state["step"], state["train_elapsed"], state["tokens_seen"]
+        del state
+        ckpt_io.forget_loaded()
         if dist_info.is_main:
             _trim_metrics(metrics_path, step)
     elif dist_info.is_main and metrics_path.exists():

@@ -12,7 +12,7 @@ import torch
 from sentcode.config import load_config
 from sentcode.data.segments import RowSource, SegmentSplit
 from sentcode.io import write_json
-from sentcode.models.sentence.steplm import FAMILY, StepLM, StepLMConfig
+from sentcode.models.sentence.steplm import FAMILY, WEIGHTS, StepLM, StepLMConfig
 from sentcode.runs import checkpoint as ckpt_io
 from sentcode.train.loop import TrainTask
 from sentcode.runs.info import write_run_files
@@ -44,7 +44,7 @@ def prepare_segments(corpus: str, data_dir: Path, cfg: StepLMConfig) -> dict:
     meta = {"key": key, "splits": {}}
     for name in SPLITS:
         arrays = segment_arrays([doc.text for doc in splits[name]], cfg.model.max_segment_bytes)
-        split = SegmentSplit(arrays["bytes"], arrays["seg_start"], arrays["doc_seg"])
+        split = SegmentSplit(**arrays)
         split.save(data_dir / f"{name}.npz")
         meta["splits"][name] = {"documents": split.n_docs, "segments": split.n_segments, "bytes": int(split.bytes.size),
                                 "sha256": hashlib.sha256(split.bytes.tobytes()).hexdigest()}
@@ -93,13 +93,13 @@ def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny"
     meta = prepare_segments(corpus, run_dir / "data", cfg)
     write_run_files(run_dir, cfg, corpus=corpus, segments=meta["splits"])
     summary = train_and_export(run_dir, cfg, lambda info, dev: build_steplm_task(cfg, run_dir / "data", info, dev),
-                               "model.safetensors", resume=resume_path, device=device, progress=progress,
+                               WEIGHTS, resume=resume_path, device=device, progress=progress,
                                stop_at=stop_at)
     if summary["status"] == "completed" and evaluate_test:
         from sentcode.eval.steplm import evaluate_segments
         from sentcode.runs.weights import load_weights
 
-        model = load_weights(StepLM(cfg.model), run_dir, "model.safetensors")  # what `sentcode.load` will read
+        model = load_weights(StepLM(cfg.model), run_dir, WEIGHTS)  # what `sentcode.load` will read
         result = {"family": FAMILY, "source": f"test split of {corpus}",
                   **evaluate_segments(model, SegmentSplit.load(run_dir / "data" / "test.npz"), "cpu")}
         write_json(run_dir / "eval.json", result)

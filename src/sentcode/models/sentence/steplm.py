@@ -39,6 +39,7 @@ from sentcode.tokenizer.bytes import ByteTokenizer
 
 VOCAB = ByteTokenizer.vocab_size  # 256 bytes + segment start (BOS), segment end (EOS), padding
 FAMILY = "steplm"
+WEIGHTS = "model.safetensors"  # the exported weights in a run directory
 
 
 @dataclass
