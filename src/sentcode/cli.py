@@ -67,6 +67,11 @@ def _add_sentence_commands(sub) -> None:
     ps.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     ps.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live progress bar")
 
+    from sentcode import cli_hier
+
+    cli_hier.add_pipeline(pipe_sub)
+    cli_hier.add_commands(sub)
+
     sp = sub.add_parser("sentences", help="split the corpus stage of a sentence pipeline run into sentences",
                         description="Stage 'sentences': split each document of RUN_DIR/corpus into sentences "
                         "(nupunkt; over-long ones cut into pieces) and write RUN_DIR/sentences.")
@@ -236,7 +241,7 @@ runs, when sampling). Needs pip install 'sentcode[lmeval]'.""")
     return parser
 
 
-_SENTENCE_COMMANDS = ("pipeline", "sentences", "encoder", "embed", "rvq")
+_SENTENCE_COMMANDS = ("pipeline", "sentences", "encoder", "embed", "rvq", "hier")
 
 
 def _progress(args):
@@ -246,9 +251,17 @@ def _progress(args):
 def _dispatch_sentence(args) -> int:
     from sentcode.pipeline import sentence as pipe
 
+    if args.command == "hier":
+        from sentcode.cli_hier import dispatch
+
+        return dispatch(args)
     if args.command == "pipeline":
         corpus = args.corpus if len(args.corpus) > 1 else args.corpus[0]
         fam = family(_preset_family(args.preset), where=f"preset {args.preset!r}")
+        wanted = "hier" if args.pipeline_command == "hier" else None
+        if wanted and fam.name != wanted or not wanted and fam.name == "hier":
+            raise SentcodeError(f"preset {args.preset!r} is a {fam.label} config; train it with "
+                                f"`{fam.command.format(preset=args.preset)}`")
         if not fam.steps_by_sentence:
             raise SentcodeError(f"preset {args.preset!r} is a {fam.label} config; train it with "
                                 f"`{fam.command.format(preset=args.preset)}`")

@@ -21,7 +21,7 @@ from sentcode.errors import ConfigError, SentcodeError
 class Family:
     name: str
     label: str  # what a user is told the model is ("flat LM", ...)
-    unit: str  # what a request's length counts: "tokens" or "sentences"
+    unit: str  # what a request's length counts: "tokens", "sentences" or "segments"
     load: str  # (run_dir, device, renderer) -> generator
     train: str  # (corpus or data, out, preset, overrides, ...) -> summary dict
     evaluate: str  # (generator, text_file, split) -> JSON-ready dict with "bpb"
@@ -31,7 +31,8 @@ class Family:
 
     @property
     def steps_by_sentence(self) -> bool:
-        return self.unit == "sentences"
+        """Generation steps by whole segments (sentences or shorter), not by tokens."""
+        return self.unit != "tokens"
 
     def resolve(self, role: str):
         module, _, attr = getattr(self, role).partition(":")
@@ -48,6 +49,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            load="sentcode.infer.steplm:load_steplm", train="sentcode.train.steplm:train_steplm",
            evaluate="sentcode.eval.steplm:evaluate_steplm_run", format="sentcode.eval.steplm:format_steplm_result",
            command="sentcode pipeline sentence --corpus CORPUS --preset {preset} --out RUN"),
+    Family("hier", "hierarchical byte autoencoder", "segments",
+           load="sentcode.infer.hier:load_hier", train="sentcode.train.steplm:train_hier",
+           evaluate="sentcode.eval.hier:evaluate_hier_run", format="sentcode.eval.hier:format_hier_result",
+           command="sentcode pipeline hier --corpus CORPUS --preset {preset} --out RUN"),
     Family("sentence", "sentence-step LM (staged)", "sentences",
            load="sentcode.infer.sentence:load_sentence", train="sentcode.pipeline.sentence:run_pipeline",
            evaluate="sentcode.eval.sentence:evaluate_loaded", format="sentcode.eval.sentence:format_sentence_result",

@@ -37,13 +37,14 @@ def segment_document(text: str, max_bytes: int = 256) -> list[bytes]:
     return [s for s in out if s]
 
 
-def segment_arrays(texts: list[str], max_bytes: int = 256) -> dict[str, np.ndarray]:
+def segment_arrays(texts: list[str], max_bytes: int = 256, cut=None) -> dict[str, np.ndarray]:
     """Segments of many documents as flat arrays: ``bytes`` (uint8, all documents in order), ``seg_start``
     (int64, offset of each segment, with a final end offset) and ``doc_seg`` (int64, index of each
-    document's first segment, with a final total)."""
+    document's first segment, with a final total). ``cut``: text -> segments (default: sentences)."""
+    cut = cut or (lambda text: segment_document(text, max_bytes))
     chunks, seg_start, doc_seg, offset = [], [0], [0], 0
     for text in texts:
-        for s in segment_document(text, max_bytes):
+        for s in cut(text):
             chunks.append(s)
             offset += len(s)
             seg_start.append(offset)

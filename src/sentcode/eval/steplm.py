@@ -62,6 +62,7 @@ def evaluate_segments(model, split: SegmentSplit, device, batch_rows: int = 4, m
     bits = {m: v / LN2 for m, v in sums.items()}
     plan_bits = plan_nats / LN2
     result = {"bpb": (bits["oracle"] + plan_bits) / max(n_bytes, 1) if "oracle" in bits else None,
+              "bits": bits["oracle"] + plan_bits if "oracle" in bits else None,
               "bytes": n_bytes, "segments": n_segments, "codes": codes_on,
               "bytes_per_segment": n_bytes / max(n_segments, 1)}
     if codes_on and "oracle" in bits:

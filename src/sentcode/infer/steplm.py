@@ -62,9 +62,12 @@ class StepLMGenerator:
     family = FAMILY
     separator = ""  # segments carry their own whitespace
 
-    def __init__(self, model: StepLM, cfg: StepLMConfig, run_dir: Path | None = None):
+    max_steps = MAX_SENTENCES  # the most segments one request may ask for
+
+    def __init__(self, model: StepLM, cfg: StepLMConfig, run_dir: Path | None = None, segmenter=None):
         self.model = model.eval()
         self.cfg, self.run_dir = cfg, run_dir
+        self.segmenter = segmenter or cfg.segmenter()  # how prompts and scored text are cut, as in training
         self.device = next(model.parameters()).device
         self.max_bytes = model.cfg.max_segment_bytes
         self.codes = bool(model.cfg.levels)
@@ -77,11 +80,7 @@ class StepLMGenerator:
         return _State(self.model)
 
     def segments(self, text: str | bytes) -> list[bytes]:
-        from sentcode.corpus.segments import segment_document
-
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "surrogateescape")
-        return segment_document(text, self.max_bytes)
+        return self.segmenter.cut(text)
 
     def split(self, text: str | bytes) -> list[bytes]:
         """The units a request's sentence count refers to: segments."""
@@ -139,6 +138,8 @@ class StepLMGenerator:
                score: bool = True) -> tuple[bytes, float]:
         """Write the rest of the current segment after ``prefix``: (bytes written, log-prob in nats, or 0.0
         when not ``score``: only reranking reads it)."""
+        if self.model.cfg.context_dropout >= 1:  # each segment is written from its own bytes only
+            state.render_cache = self.model.renderer.new_cache()
         logits = self._feed(state, [BOS] + list(prefix))
         out, lp = bytearray(), 0.0
         while len(prefix) + len(out) < self.max_bytes:
@@ -195,8 +196,8 @@ class StepLMGenerator:
         check_sampling(temperature, top_k, top_p)
         if isinstance(max_sentences, bool) or not isinstance(max_sentences, int) or max_sentences < 1:
             raise SentcodeError(f"max_sentences must be >= 1, got {max_sentences!r}")
-        if max_sentences > MAX_SENTENCES:
-            raise SentcodeError(f"max_sentences must be <= {MAX_SENTENCES}, got {max_sentences}")
+        if max_sentences > self.max_steps:
+            raise SentcodeError(f"max_sentences must be <= {self.max_steps}, got {max_sentences}")
         rerank = self.default_rerank if rerank is None else rerank
         if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0:
             raise SentcodeError(f"rerank must be an integer >= 0 (0 or 1: no reranking), got {rerank!r}")
@@ -236,41 +237,55 @@ class StepLMGenerator:
                        seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> list[str]:
         """The continuations of several prompts, written together in one batch (see ``infer.steplm_batch``:
         greedy gives what ``generate`` gives; sampled text differs from sequential calls'). With codes on and
-        reranking, the documents are written one after another, each with seed + its index."""
+        reranking, or with segments written from their own bytes only (``context_dropout`` 1), the documents are
+        written one after another, each with seed + its index."""
         from sentcode.infer.steplm_batch import generate_batch
 
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise SentcodeError("prompts must be a non-empty list")
         segments = [self._check(p, max_sentences, rerank, temperature, top_k, top_p) for p in prompts]
         n = self.default_rerank if rerank is None else max(1, rerank)
-        if self.codes and n > 1:
+        if self.codes and n > 1 or self.model.cfg.context_dropout >= 1:
             return [self.generate(p, max_sentences, rerank, temperature, None if seed is None else seed + i, top_k,
                                   top_p) for i, p in enumerate(prompts)]
         return generate_batch(self, segments, max_sentences, temperature, seed, top_k, top_p)
 
-    def score_details(self, text: str | bytes) -> dict:
-        """Bits per byte of ``text`` as one document (exact one-part, or two-part with codes on)."""
+    def split_arrays(self, text: str | bytes):
+        """``text`` as one document of segment arrays (a ``SegmentSplit``); empty text is refused."""
         from sentcode.corpus.segments import segment_arrays
         from sentcode.data.segments import SegmentSplit
-        from sentcode.eval.steplm import evaluate_segments
 
         if isinstance(text, bytes):
             text = text.decode("utf-8", "surrogateescape")
-        arrays = segment_arrays([text], self.max_bytes)
+        arrays = segment_arrays([text], self.max_bytes, self.segmenter.cut)
         if not arrays["bytes"].size:
             raise SentcodeError("cannot score empty text")
-        return evaluate_segments(self.model, SegmentSplit(**arrays), self.device)
+        return SegmentSplit(**arrays)
+
+    def score_details(self, text: str | bytes) -> dict:
+        """Bits per byte of ``text`` as one document (exact one-part, or two-part with codes on)."""
+        from sentcode.eval.steplm import evaluate_segments
+
+        return evaluate_segments(self.model, self.split_arrays(text), self.device)
 
     def score(self, text: str | bytes) -> float:
         return self.score_details(text)["bpb"]
 
 
-def load_steplm(run_dir: str | Path, device: str = "cpu", renderer: str | None = None) -> StepLMGenerator:
+def load_core(run_dir: str | Path, device: str, renderer: str | None, family: str, cls, generator):
+    """A run of the end-to-end core (``cls``: its config class) behind ``generator``, with the segmenter it was
+    trained with (runs without one were cut into sentences)."""
+    from sentcode.corpus.cutters import Segmenter
     from sentcode.runs.weights import load_weights, read_run_config
 
     if renderer not in (None, "ar"):
-        raise SentcodeError("this end-to-end sentence-step run has no NAR renderer; use the AR renderer")
-    cfg = read_run_config(run_dir, FAMILY, StepLMConfig)
+        raise SentcodeError(f"this {cls.kind} run has no NAR renderer; use the AR renderer")
+    cfg = read_run_config(run_dir, family, cls)
     model = StepLM(cfg.model).to(device)
     load_weights(model, run_dir, WEIGHTS)
-    return StepLMGenerator(model, cfg, Path(run_dir))
+    segmenter = Segmenter.load(run_dir) if (Path(run_dir) / "segmenter.json").is_file() else None
+    return generator(model, cfg, Path(run_dir), segmenter)
+
+
+def load_steplm(run_dir: str | Path, device: str = "cpu", renderer: str | None = None) -> StepLMGenerator:
+    return load_core(run_dir, device, renderer, FAMILY, StepLMConfig, StepLMGenerator)

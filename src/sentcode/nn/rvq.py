@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NORMALIZE_MODES = (None, "standard")
+NORMALIZE_MODES = (None, "standard", "running")
 INIT_MODES = ("kmeans++", "random")
 
 
@@ -119,7 +119,10 @@ class ResidualVQ(nn.Module):
 
     ``normalize="standard"`` subtracts the data mean and divides by a global RMS before quantizing; both
     are computed in ``fit`` (or from the first training batch) and stored as buffers, and ``decode``
-    returns vectors in the original space.
+    returns vectors in the original space. ``normalize="running"`` does the same with statistics that follow
+    the data (an EMA with the codebooks' decay, updated by every training batch): for inputs produced by a
+    network trained in the same run, whose shared part can dwarf what tells them apart (measured: the spread
+    of pooled segment encodings around their mean was 0.7% of the mean's norm, and every input took one code).
     """
 
     def __init__(
@@ -172,6 +175,13 @@ class ResidualVQ(nn.Module):
         self.mean.copy_(mean)
         self.norm_ready.fill_(True)
 
+    def _follow_norm_stats(self, x: torch.Tensor) -> None:
+        mean = x.mean(0)
+        rms = (x - mean).pow(2).mean().sqrt()
+        self.mean.lerp_(mean, 1 - self.decay)
+        if rms > 0:
+            self.scale.lerp_(rms, 1 - self.decay)
+
     def _to_z(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize is None:
             return x
@@ -214,8 +224,11 @@ class ResidualVQ(nn.Module):
         lead = x.shape[:-1]
         with torch.autocast(device_type=x.device.type, enabled=False):
             flat = self._flat(x)
-            if self.training and self.normalize is not None and not bool(self.norm_ready) and flat.shape[0]:
-                self._set_norm_stats(flat.detach())
+            if self.training and self.normalize is not None and flat.shape[0]:
+                if not bool(self.norm_ready):
+                    self._set_norm_stats(flat.detach())
+                elif self.normalize == "running":
+                    self._follow_norm_stats(flat.detach())
             z = self._to_z(flat)
             with torch.no_grad():
                 codes, residuals = self._quantize(z.detach(), init_from_batch=self.training and flat.shape[0] > 0)

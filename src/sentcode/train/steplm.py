@@ -21,33 +21,41 @@ from sentcode.train.runs import check_resume, train_and_export
 SPLITS = ("train", "val", "test")
 
 
-def load_steplm_config(preset: str = "sentence-tiny", overrides: list[str] | None = None) -> StepLMConfig:
+def load_steplm_config(preset: str = "sentence-tiny", overrides: list[str] | None = None,
+                       cls=StepLMConfig) -> StepLMConfig:
     """A validated end-to-end config from a preset (or YAML file) and overrides; another family is refused."""
-    return load_config(preset, overrides, cls=StepLMConfig)
+    return load_config(preset, overrides, cls=cls)
 
 
 def prepare_segments(corpus: str, data_dir: Path, cfg: StepLMConfig) -> dict:
-    """Split the corpus and cut it into segments, once: ``data_dir/{split}.npz`` plus ``meta.json``. A second
-    call with the same corpus, fractions and segment limit reuses them."""
+    """Split the corpus and cut it into segments, once: ``data_dir/{split}.npz`` plus ``meta.json``, and the
+    segmenter (fitted on the training split) in ``data_dir/..`` (the run directory). A second call with the same
+    corpus, fractions and segmenter reuses them."""
+    from sentcode.corpus.cutters import Segmenter
     from sentcode.corpus.segments import segment_arrays
     from sentcode.corpus.splits import load_corpus
 
     d = cfg.data
     key = {"corpus": corpus, "val_frac": d.val_frac, "test_frac": d.test_frac,
            "max_segment_bytes": cfg.model.max_segment_bytes, "version": 1}
+    if d.segmenter != "sentence":  # runs of the sentence segmenter keep the key they were trained with
+        key.update(segmenter=d.segmenter, segment_bytes=d.segment_bytes, entropy_mode=d.entropy_mode)
     meta_path = data_dir / "meta.json"
+    run_dir = data_dir.parent
     if meta_path.is_file() and all((data_dir / f"{s}.npz").is_file() for s in SPLITS):
         meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key:
+        if meta.get("key") == key and (d.segmenter == "sentence" or (run_dir / "segmenter.json").is_file()):
             return meta
     splits = load_corpus(corpus, val_frac=d.val_frac, test_frac=d.test_frac)
-    meta = {"key": key, "splits": {}}
+    segmenter = cfg.segmenter().fit([doc.text for doc in splits["train"]])
+    meta = {"key": key, "splits": {}, "segmenter": segmenter.to_dict()}
     for name in SPLITS:
-        arrays = segment_arrays([doc.text for doc in splits[name]], cfg.model.max_segment_bytes)
+        arrays = segment_arrays([doc.text for doc in splits[name]], cfg.model.max_segment_bytes, segmenter.cut)
         split = SegmentSplit(**arrays)
         split.save(data_dir / f"{name}.npz")
         meta["splits"][name] = {"documents": split.n_docs, "segments": split.n_segments, "bytes": int(split.bytes.size),
                                 "sha256": hashlib.sha256(split.bytes.tobytes()).hexdigest()}
+    segmenter.save(run_dir)
     write_json(meta_path, meta)
     return meta
 
@@ -84,11 +92,12 @@ def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device) -> T
 
 def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny", overrides: list[str] | None = None,
                  resume: str | None = None, device: str = "auto", progress: bool | str = True,
-                 stop_at: int | None = None, evaluate_test: bool = True) -> dict:
-    """Train (or resume) an end-to-end sentence-step LM into ``run_dir`` and evaluate it on the test split
-    (``run_dir/eval.json``). Returns the loop's summary plus ``eval``."""
+                 stop_at: int | None = None, evaluate_test: bool = True, cls=StepLMConfig) -> dict:
+    """Train (or resume) an end-to-end sentence-step LM (or another family of the same core: ``cls``) into
+    ``run_dir`` and evaluate it on the test split (``run_dir/eval.json``). Returns the loop's summary plus
+    ``eval``."""
     run_dir = Path(run_dir)
-    cfg = load_steplm_config(preset, list(overrides or []) + [f"data.corpus={corpus}"])
+    cfg = load_steplm_config(preset, list(overrides or []) + [f"data.corpus={corpus}"], cls)
     resume_path = check_resume(run_dir, resume, cfg.to_dict())
     meta = prepare_segments(corpus, run_dir / "data", cfg)
     write_run_files(run_dir, cfg, corpus=corpus, segments=meta["splits"])
@@ -100,9 +109,21 @@ def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny"
         from sentcode.runs.weights import load_weights
 
         model = load_weights(StepLM(cfg.model), run_dir, WEIGHTS)  # what `sentcode.load` will read
-        result = {"family": FAMILY, "source": f"test split of {corpus}",
-                  **evaluate_segments(model, SegmentSplit.load(run_dir / "data" / "test.npz"), "cpu")}
+        test = SegmentSplit.load(run_dir / "data" / "test.npz")
+        result = {"family": cfg.family, "source": f"test split of {corpus}", **evaluate_segments(model, test, "cpu")}
+        if cfg.family != FAMILY:
+            from sentcode.eval.hier import autoencoder_figures
+
+            result.update(autoencoder_figures(model, test, "cpu"))
         write_json(run_dir / "eval.json", result)
         summary["eval"] = result
     return summary
 
+
+
+def train_hier(corpus: str, run_dir: str | Path, preset: str = "hier-tiny", overrides: list[str] | None = None,
+               **kwargs) -> dict:
+    """Train (or resume) a hierarchical byte autoencoder (``models.hier``): the same core and loop."""
+    from sentcode.models.hier import HierConfig
+
+    return train_steplm(corpus, run_dir, preset, overrides, cls=HierConfig, **kwargs)

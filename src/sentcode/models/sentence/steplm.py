@@ -65,7 +65,8 @@ class StepLMModelConfig:
     commitment: float = 0.25
     code_dropout: float = 0.1  # share of training segments rendered without their codes (the no-code mode)
     context_dropout: float = 0.0  # share of training segments whose bytes see no earlier byte: the planner's
-    # state is then their only view of the past, so the renderer must learn to read it
+    # state is then their only view of the past, so the renderer must learn to read it; at 1, no segment sees an
+    # earlier byte, in training, scoring and generation (MEGABYTE's local model)
     predict_weight: float = 0.0  # weight of a training-only contrastive loss: the planner's state for segment k
     # must pick segment k's encoding out of the batch's (CPC), so encodings differ and states say what comes next
     pool: str = "mean"  # how a segment's encoder states become one vector: mean | attention (learned queries)
@@ -93,8 +94,9 @@ class StepLMModelConfig:
             raise ConfigError("model.code_dropout must lie in [0, 1)")
         if self.predict_weight < 0:
             raise ConfigError("model.predict_weight must be >= 0")
-        if not 0 <= self.context_dropout < 1:
-            raise ConfigError("model.context_dropout must lie in [0, 1)")
+        if not 0 <= self.context_dropout <= 1:
+            raise ConfigError("model.context_dropout must lie in [0, 1] (1: every segment is written from the "
+                              "planner's state, its codes and its own bytes only)")
         if self.pool not in ("mean", "attention"):
             raise ConfigError(f"model.pool must be mean or attention, got {self.pool!r}")
         if self.cond_init not in ("zero", "normal"):
@@ -111,6 +113,17 @@ class StepLMData:
     corpus: str = "sotu"  # set from the command line
     val_frac: float = 0.05
     test_frac: float = 0.05
+    segmenter: str = "sentence"  # how text is cut: sentence | space | stride | entropy (``corpus.cutters``)
+    segment_bytes: float = 6.0  # the mean segment length the stride and entropy segmenters aim for
+    entropy_mode: str = "global"  # entropy segmenter: global | relative threshold
+
+    def validate(self) -> None:
+        from sentcode.corpus.cutters import KINDS, MODES
+
+        if self.segmenter not in KINDS:
+            raise ConfigError(f"data.segmenter must be one of {', '.join(KINDS)}, got {self.segmenter!r}")
+        if self.entropy_mode not in MODES:
+            raise ConfigError(f"data.entropy_mode must be global or relative, got {self.entropy_mode!r}")
 
 
 @dataclass
@@ -124,7 +137,15 @@ class StepLMConfig(RunConfig):
 
     kind = "end-to-end sentence-step LM"
 
+    def segmenter(self):
+        """The (unfitted) segmenter this config names."""
+        from sentcode.corpus.cutters import Segmenter
+
+        d = self.data
+        return Segmenter(d.segmenter, d.segment_bytes, d.entropy_mode, self.model.max_segment_bytes)
+
     def check(self) -> None:
+        self.segmenter()  # a length target it cannot reach is refused here
         if self.train.seq_len < self.model.max_segment_bytes + 1:
             raise ConfigError(f"train.seq_len={self.train.seq_len} must hold one whole segment "
                               f"(model.max_segment_bytes + 1 = {self.model.max_segment_bytes + 1})")
@@ -218,7 +239,7 @@ class StepLM(nn.Module):
             self.predict = nn.Linear(c.d_plan, c.d_plan, bias=False)  # training only
         if c.levels:
             self.to_code = nn.Linear(c.enc_d_model, c.d_code, bias=False)
-            self.rvq = ResidualVQ(c.d_code, c.levels, c.codebook_size, commitment=c.commitment)
+            self.rvq = ResidualVQ(c.d_code, c.levels, c.codebook_size, commitment=c.commitment, normalize="running")
             self.code_in = nn.Linear(c.d_code, c.d_model, bias=False)
             self.code_heads = nn.ModuleList(nn.Linear(c.d_plan, c.codebook_size, bias=False) for _ in range(c.levels))
             # level l's head reads o + the embeddings of the codes already chosen at levels < l
@@ -251,10 +272,16 @@ class StepLM(nn.Module):
             e = torch.cat([self.plan_start.expand(e.shape[0], 1, -1).to(e.dtype), e[:, :-1]], dim=1)
         return self.planner(e, start_pos, cache)
 
-    def quantize(self, pooled: torch.Tensor):
-        """(q [.., d_code], codes [.., levels], commitment loss) of pooled encoder states."""
-        z = F.rms_norm(self.to_code(pooled), (self.cfg.d_code,))
-        return self.rvq(z)
+    def quantize(self, pooled: torch.Tensor, valid: torch.Tensor | None = None):
+        """(q [.., d_code], codes [.., levels], commitment loss) of pooled encoder states; ``valid`` [..] bool:
+        the real segments (empty slots of a padded batch are neither quantized nor counted: q 0, codes 0)."""
+        z = self.to_code(pooled)
+        if valid is None:
+            return self.rvq(z)
+        q_valid, codes_valid, commit = self.rvq(z[valid])
+        q = z.new_zeros(z.shape).masked_scatter(valid[..., None], q_valid.to(z.dtype))
+        codes = codes_valid.new_zeros(*valid.shape, self.cfg.levels).masked_scatter(valid[..., None], codes_valid)
+        return q, codes, commit
 
     def code_logits(self, o: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
         """Teacher-forced logits of every level: level l reads o + embeddings of codes[..., :l]."""
@@ -294,7 +321,7 @@ class StepLM(nn.Module):
     # ---- training ------------------------------------------------------------------------------------
 
     def forward(self, x, y, seg, n_seg: int, code_mode: str = "oracle", drop: torch.Tensor | None = None,
-                cut: torch.Tensor | None = None) -> dict:
+                cut: torch.Tensor | None = None, details: bool = False) -> dict:
         """Summed losses of packed rows: x, y [B, T] stream ids and targets (-1: not predicted), seg [B, T]
         segment index per position (-1: padding). ``code_mode``: oracle | predicted | shuffled | none | blind
         (blind: no codes, and planner states shuffled across the batch's segments: what the state tells the
@@ -303,7 +330,8 @@ class StepLM(nn.Module):
 
         Returns {"render_nats", "plan_nats", "commit", "symbols", "predict"}: sums over the batch (nats), the
         commitment term, the number of predicted symbols and the contrastive term (0 unless training with
-        ``predict_weight``).
+        ``predict_weight``). With ``details``, also "hit" [B, T] (the most likely symbol is the target, at
+        predicted positions) and, with codes on, "codes" [B, n_seg, levels].
         """
         e, pooled = self.encode_stream(x, seg, n_seg)
         o = self.plan(e)  # [B, M, d_plan]; o[:, j] conditions segment j
@@ -311,8 +339,8 @@ class StepLM(nn.Module):
         commit = o.new_zeros(())
         q = None
         if self.cfg.levels:
-            q, codes, commit = self.quantize(pooled)
             valid = scored_segments(y, seg, n_seg)
+            q, codes, commit = self.quantize(pooled, valid)
             for level, logits in enumerate(self.code_logits(o, codes)):
                 ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes[..., level].reshape(-1),
                                      reduction="none")
@@ -333,6 +361,8 @@ class StepLM(nn.Module):
             o = flat_o[torch.randperm(flat_o.shape[0], device=o.device)].reshape(o.shape)
         cond = self.condition(o, q)  # [B, M, d_model]
         cond_pos = torch.gather(cond, 1, seg.clamp(min=0)[..., None].expand(-1, -1, cond.shape[-1]))
+        if self.cfg.context_dropout >= 1:
+            cut = torch.ones(x.shape[0], n_seg, dtype=torch.bool, device=x.device)
         logits = self.render(x, cond_pos, key_floor=None if cut is None else segment_floor(seg, n_seg, cut))
         mask = y >= 0
         ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.clamp(min=0).reshape(-1), reduction="none")
@@ -340,8 +370,13 @@ class StepLM(nn.Module):
         predict = o.new_zeros(())
         if self.training and self.cfg.predict_weight > 0:
             predict = self.predict_loss(o, e, scored_segments(y, seg, n_seg))
-        return {"render_nats": render_nats, "plan_nats": plan_nats, "commit": commit, "symbols": mask.sum(),
-                "predict": predict}
+        out = {"render_nats": render_nats, "plan_nats": plan_nats, "commit": commit, "symbols": mask.sum(),
+               "predict": predict}
+        if details:
+            out["hit"] = (logits.argmax(-1) == y) & mask
+            if self.cfg.levels:
+                out["codes"] = codes
+        return out
 
     def predict_loss(self, o: torch.Tensor, e: torch.Tensor, valid: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
         """InfoNCE: state o_k against every encoding of the batch, the true one being e_k (van den Oord et al.
