@@ -24,7 +24,7 @@ LAYERS = [
     {"infer"},
     {"pipeline", "demo"},
     {"serve", "lmeval"},
-    {"cli", "__main__", "__init__"},
+    {"cli", "cli_hier", "__main__", "__init__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # Known imports that still run upward, each with its reason; the test fails on any other (and on a stale entry).
@@ -53,12 +53,12 @@ def test_every_family_resolves_its_parts():
     for fam in FAMILIES.values():
         for role in ("load", "train", "evaluate", "format"):
             assert callable(fam.resolve(role)), (fam.name, role)
-        assert fam.unit in ("tokens", "sentences")
+        assert fam.unit in ("tokens", "sentences", "segments")
 
 
 def test_unknown_family_is_a_clear_error():
-    with pytest.raises(SentcodeError, match="'hier' model, which this version cannot load"):
-        family("hier", where="runs/x")
+    with pytest.raises(SentcodeError, match="'hier2' model, which this version cannot load"):
+        family("hier2", where="runs/x")
 
 
 def test_a_preset_of_another_family_names_its_command(tmp_path, capsys):

@@ -56,8 +56,9 @@ def _load(run_dir: str):
     return g
 
 
-def round_trip(text: str, decoded: str) -> dict:
-    a, b = text.encode("utf-8", "surrogateescape"), decoded.encode("utf-8", "surrogateescape")
+def round_trip(text: str | bytes, decoded: str) -> dict:
+    a = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    b = decoded.encode("utf-8", "surrogateescape")
     same = sum(x == y for x, y in zip(a, b))
     return {"exact": a == b, "bytes_matching": same / max(len(a), 1), "bytes": len(a), "decoded_bytes": len(b)}
 

@@ -70,7 +70,8 @@ class StepLMModelConfig:
     predict_weight: float = 0.0  # weight of a training-only contrastive loss: the planner's state for segment k
     # must pick segment k's encoding out of the batch's (CPC), so encodings differ and states say what comes next
     pool: str = "mean"  # how a segment's encoder states become one vector: mean | attention (learned queries)
-    cond_init: str = "zero"  # the condition projection's start: zero (a plain byte LM at step 0) | normal
+    cond_init: str = "zero"  # the condition projections' start (state and codes): zero (a plain byte LM at step 0)
+    # | normal
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
 
@@ -248,8 +249,8 @@ class StepLM(nn.Module):
         # The condition starts at zero (so the renderer starts as a plain byte LM), or like every other layer.
         if c.cond_init == "zero":
             nn.init.zeros_(self.cond.weight)
-        if c.levels:
-            nn.init.zeros_(self.code_in.weight)
+            if c.levels:
+                nn.init.zeros_(self.code_in.weight)
 
     # ---- parts ---------------------------------------------------------------------------------------
 
