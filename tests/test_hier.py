@@ -198,13 +198,13 @@ def test_eval_reports_bits_and_the_autoencoder_figures(run):
 
 def test_teacher_forced_exactness_is_what_greedy_decoding_gives(run):
     import sentcode
-    from sentcode.eval.hier import autoencoder_figures
+    from sentcode.eval.hier import evaluate_hier
 
     g = sentcode.load(run)
     text = "We met. Then"
     codes = g.encode(text)["codes"]
     decoded = g.decode(codes)
-    fig = autoencoder_figures(g.model, g.split_arrays(text), "cpu")
+    fig = evaluate_hier(g.model, g.split_arrays(text), "cpu")
     assert (fig["documents_exact"] == 1.0) == (decoded == text)
     # each decoded segment, re-encoded, is what the expander wrote from its code: decode is deterministic
     assert g.decode(codes) == decoded

@@ -1,5 +1,6 @@
 """The autoencoder's own figures for a hierarchical byte autoencoder run (family ``hier``), beside its bits
-per byte (``eval.steplm``: the two-part code length, code LM bits + expander bits given the codes).
+per byte (``eval.steplm``: the two-part code length, code LM bits + expander bits given the codes, and the
+exact one-part figure of the expander without codes).
 
 * compression: bytes per segment (one code tuple), bytes per code, and the tuple's raw size in bits;
 * reconstruction, with the true codes and the true earlier bytes: byte accuracy (the expander's most likely
@@ -8,8 +9,8 @@ per byte (``eval.steplm``: the two-part code length, code LM bits + expander bit
   documents: each step sees the same past as here;
 * codebook usage (share of codes used) and perplexity (2 ** entropy of the code histogram) per level.
 
-Padding is never segmented or counted: segments are cut from each document's bytes, and only scored positions
-enter the counts.
+The figures are gathered from the oracle pass of the bits-per-byte evaluation (no second pass). Padding is
+never segmented or counted: segments are cut from each document's bytes, and only scored positions count.
 """
 
 from __future__ import annotations
@@ -18,72 +19,64 @@ import math
 
 import torch
 
-from sentcode.data.segments import EOS, SegmentSplit, build_row, eval_windows, stack_rows
+from sentcode.data.segments import EOS, SegmentSplit
 
 
-@torch.no_grad()
-def autoencoder_figures(model, split: SegmentSplit, device, batch_rows: int = 4, max_bytes: int | None = None) -> dict:
-    was_training = model.training
-    model.eval()
-    c = model.cfg
-    hits = bytes_seen = 0
-    exact: list[bool] = []  # per scored segment, in order
-    histograms = torch.zeros(c.levels, c.codebook_size, dtype=torch.long)
-    batch = []
+class AutoencoderFigures:
+    """An observer of ``evaluate_segments``' oracle pass that counts hits, exact segments and codes."""
 
-    def flush():
-        nonlocal hits
-        x, y, seg, n_seg = stack_rows([r for r, _ in batch], device)
-        out = model(x, y, seg, n_seg, details=True)
+    def __init__(self, model):
+        self.levels, self.size = model.cfg.levels, model.cfg.codebook_size
+        self.hits = self.bytes = 0
+        self.exact: list[bool] = []  # per scored segment, in order
+        self.histograms = torch.zeros(self.levels, self.size, dtype=torch.long)
+
+    def add(self, firsts: list[int], y, seg, n_seg: int, out: dict) -> None:
         scored = y >= 0
-        hits += int((out["hit"] & (y != EOS)).sum())
+        self.hits += int((out["hit"] & (y != EOS)).sum())
+        self.bytes += int((scored & (y != EOS)).sum())
         idx = torch.where(scored, seg, n_seg)
-        miss = torch.zeros(x.shape[0], n_seg + 1, dtype=torch.long, device=x.device)
+        miss = torch.zeros(y.shape[0], n_seg + 1, dtype=torch.long, device=y.device)
         miss.scatter_add_(1, idx, (~out["hit"] & scored).long())
-        has = torch.zeros_like(miss).scatter_add_(1, idx, scored.long())
-        for i, (_, first) in enumerate(batch):
+        for i, first in enumerate(firsts):
             n = int(seg[i].max()) + 1
-            exact.extend(bool(m == 0) for m in miss[i, first:n].tolist())
-            for level in range(c.levels):
-                histograms[level] += torch.bincount(out["codes"][i, first:n, level].cpu()[has[i, first:n].cpu() > 0],
-                                                    minlength=c.codebook_size)
-        batch.clear()
+            self.exact.extend(m == 0 for m in miss[i, first:n].tolist())
+            codes = out["codes"][i, first:n].cpu()
+            for level in range(self.levels):
+                self.histograms[level] += torch.bincount(codes[:, level], minlength=self.size)
 
-    for segments, first in eval_windows(split, c.max_segments):
-        x, y, seg = build_row(segments)
-        y[seg < first] = -1
-        batch.append(((x, y, seg), first))
-        bytes_seen += sum(len(s) for s in segments[first:])
-        if len(batch) == batch_rows:
-            flush()
-        if max_bytes is not None and bytes_seen >= max_bytes:
-            break
-    if batch:
-        flush()
-    model.train(was_training)
-    n_seg = len(exact)
-    doc_exact, docs = 0, 0
-    for d in range(split.n_docs):
-        a, b = int(split.doc_seg[d]), int(split.doc_seg[d + 1])
-        if b > n_seg:
-            break
-        docs += 1
-        doc_exact += all(exact[a:b])
-    levels = []
-    for h in histograms:
-        p = h.double() / max(int(h.sum()), 1)
-        ent = float(-(p[p > 0] * p[p > 0].log2()).sum())
-        levels.append({"usage": float((h > 0).double().mean()), "perplexity": 2 ** ent})
-    return {
-        "bytes_per_segment": bytes_seen / max(n_seg, 1),
-        "bytes_per_code": bytes_seen / max(n_seg * c.levels, 1),
-        "code_bits_per_segment": c.levels * math.log2(c.codebook_size),
-        "byte_accuracy": hits / max(bytes_seen, 1),
-        "segments_exact": sum(exact) / max(n_seg, 1),
-        "documents_exact": doc_exact / max(docs, 1),
-        "documents": docs,
-        "codebooks": levels,
-    }
+    def result(self, split: SegmentSplit) -> dict:
+        n_seg = len(self.exact)
+        doc_exact = docs = 0
+        for d in range(split.n_docs):
+            a, b = int(split.doc_seg[d]), int(split.doc_seg[d + 1])
+            if b > n_seg:  # a pass cut short by max_bytes
+                break
+            docs += 1
+            doc_exact += all(self.exact[a:b])
+        books = []
+        for h in self.histograms:
+            p = h.double() / max(int(h.sum()), 1)
+            ent = float(-(p[p > 0] * p[p > 0].log2()).sum())
+            books.append({"usage": float((h > 0).double().mean()), "perplexity": 2 ** ent})
+        return {
+            "bytes_per_code": self.bytes / max(n_seg * self.levels, 1),
+            "code_bits_per_segment": self.levels * math.log2(self.size),
+            "byte_accuracy": self.hits / max(self.bytes, 1),
+            "segments_exact": sum(self.exact) / max(n_seg, 1),
+            "documents_exact": doc_exact / max(docs, 1),
+            "documents": docs,
+            "codebooks": books,
+        }
+
+
+def evaluate_hier(model, split: SegmentSplit, device, max_bytes: int | None = None) -> dict:
+    """Bits per byte (two-part, with its parts) and the autoencoder's figures, in one pass per code mode."""
+    from sentcode.eval.steplm import evaluate_segments
+
+    figures = AutoencoderFigures(model)
+    result = evaluate_segments(model, split, device, max_bytes=max_bytes, observer=figures)
+    return {**result, **figures.result(split)}
 
 
 def format_hier_result(r: dict) -> str:
@@ -105,7 +98,6 @@ def evaluate_hier_run(gen, text_file=None, split: str = "test") -> dict:
     import json
 
     from sentcode.eval.run import read_text_file
-    from sentcode.eval.steplm import evaluate_segments
     from sentcode.models.sentence.steplm import WEIGHTS
 
     if text_file is not None:
@@ -118,5 +110,4 @@ def evaluate_hier_run(gen, text_file=None, split: str = "test") -> dict:
             return json.loads(cached.read_text())
         data = SegmentSplit.load(gen.run_dir / "data" / f"{split}.npz")
         source = f"{split} split"
-    return {"family": "hier", "source": source, **evaluate_segments(gen.model, data, gen.device),
-            **autoencoder_figures(gen.model, data, gen.device)}
+    return {"family": "hier", "source": source, **evaluate_hier(gen.model, data, gen.device)}

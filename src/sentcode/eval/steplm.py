@@ -22,8 +22,9 @@ LN2 = math.log(2)
 
 @torch.no_grad()
 def evaluate_segments(model, split: SegmentSplit, device, batch_rows: int = 4, max_bytes: int | None = None,
-                      modes: tuple[str, ...] | None = None) -> dict:
-    """Full pass (or the first documents up to ``max_bytes`` bytes, for periodic checks during training)."""
+                      modes: tuple[str, ...] | None = None, observer=None) -> dict:
+    """Full pass (or the first documents up to ``max_bytes`` bytes, for periodic checks during training).
+    ``observer.add(firsts, y, seg, n_seg, out)`` sees every batch of the oracle pass, with its details."""
     was_training = model.training
     model.eval()
     codes_on = bool(model.cfg.levels)
@@ -39,7 +40,9 @@ def evaluate_segments(model, split: SegmentSplit, device, batch_rows: int = 4, m
         nonlocal plan_nats
         x, y, seg, n_seg = stack_rows([r for r, _ in batch], device)
         for m in modes:
-            out = model(x, y, seg, n_seg, code_mode=m)
+            out = model(x, y, seg, n_seg, code_mode=m, details=observer is not None and m == "oracle")
+            if observer is not None and m == "oracle":
+                observer.add([f for _, f in batch], y, seg, n_seg, out)
             sums[m] += float(out["render_nats"])
             if m == "oracle":
                 plan_nats += float(out["plan_nats"])

@@ -110,11 +110,13 @@ def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny"
 
         model = load_weights(StepLM(cfg.model), run_dir, WEIGHTS)  # what `sentcode.load` will read
         test = SegmentSplit.load(run_dir / "data" / "test.npz")
-        result = {"family": cfg.family, "source": f"test split of {corpus}", **evaluate_segments(model, test, "cpu")}
-        if cfg.family != FAMILY:
-            from sentcode.eval.hier import autoencoder_figures
+        if cfg.family == FAMILY:
+            scores = evaluate_segments(model, test, "cpu")
+        else:
+            from sentcode.eval.hier import evaluate_hier
 
-            result.update(autoencoder_figures(model, test, "cpu"))
+            scores = evaluate_hier(model, test, "cpu")
+        result = {"family": cfg.family, "source": f"test split of {corpus}", **scores}
         write_json(run_dir / "eval.json", result)
         summary["eval"] = result
     return summary
