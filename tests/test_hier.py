@@ -307,3 +307,28 @@ def test_a_run_of_another_family_is_refused(run, tmp_path, capsys):
     (flat / "config.yaml").write_text("family: steplm\n")
     rc, _, err = run_cli(capsys, ["hier", "encode", flat, "--text-file", src])
     assert rc != 0 and err.count("\n") == 1
+
+
+def test_the_server_and_the_chat_serve_the_family(run):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import io
+
+    import sentcode
+    from test_serve import call
+
+    from sentcode.serve.chat import Chat
+    from sentcode.serve.config import ServeConfig
+    from sentcode.serve.server import BackgroundServer
+
+    g = sentcode.load(run)
+    with BackgroundServer(g, ServeConfig(port=0, max_queue=2)) as server:
+        status, r, _ = call(server, "/v1/completions", {"prompt": "The Congress ", "max_tokens": 4, "temperature": 0})
+        assert status == 200, r
+        want = list(g.stream("The Congress ", max_sentences=4, temperature=0.0))
+        assert r["choices"][0]["text"] == "".join(want) and r["usage"]["completion_tokens"] == len(want)
+        status, r, _ = call(server, "/v1/completions", {"prompt": "The", "max_tokens": 100_000})
+        assert status == 400 and "segments" in r["error"]["message"]
+    out = io.StringIO()
+    chat = Chat(g, temperature=0.0, max_len=3, out=out)
+    assert chat.unit == "segments"

@@ -242,6 +242,7 @@ class State:
         self.gen, self.cfg, self.worker = gen, cfg, worker
         fam = family_of(gen)
         self.family, self.label, self.by_sentence = fam.name, fam.label, fam.steps_by_sentence
+        self.unit = fam.unit  # what max_tokens counts
         self.name = cfg.model_name or (gen.run_dir.name if getattr(gen, "run_dir", None) else "sentcode")
         self.created = int(time.time())
         self.capacity = worker.slots + cfg.max_queue
@@ -286,8 +287,7 @@ class State:
         if value is None:
             return min(DEFAULT_FLAT_TOKENS if not self.by_sentence else DEFAULT_SENTENCES, self.length_cap())
         if value > self.length_cap():
-            unit = "tokens" if not self.by_sentence else "sentences"
-            raise ApiError(400, f"invalid '{param}': at most {self.length_cap()} {unit} per request on this server",
+            raise ApiError(400, f"invalid '{param}': at most {self.length_cap()} {self.unit} per request on this server",
                            param, "max_tokens_too_large")
         return value
 
@@ -402,7 +402,7 @@ def build_app(gen, cfg: ServeConfig | None = None, worker: Worker | None = None)
     cfg.check()
     worker = worker or Worker(gen, cfg.max_batch).start()
     st = State(gen, cfg, worker)
-    unit = "tokens" if not st.by_sentence else "sentences"
+    unit = st.unit
     app = FastAPI(
         title="sentcode", version=sentcode.__version__,
         description=f"Serving `{st.name}` ({st.label}). "

@@ -69,7 +69,7 @@ class Chat:
 
     @property
     def unit(self) -> str:
-        return "sentences" if self.sentence else "bytes"
+        return family_of(self.gen).unit if self.sentence else "bytes"
 
     def say(self, line: str) -> None:
         self.out.write(line + "\n")

@@ -84,7 +84,11 @@ def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device) -> T
     val = SegmentSplit.load(data_dir / "val.npz")
 
     def evaluate(m, max_tokens):
-        return evaluate_segments(m, val, device, max_bytes=max_tokens)
+        if cfg.family == FAMILY:
+            return evaluate_segments(m, val, device, max_bytes=max_tokens)
+        from sentcode.eval.hier import evaluate_hier
+
+        return evaluate_hier(m, val, device, max_bytes=max_tokens)
 
     return TrainTask(model=model, batches=rows, loss=steplm_loss, evaluate=evaluate,
                      tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token())
