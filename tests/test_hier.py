@@ -196,6 +196,22 @@ def test_eval_reports_bits_and_the_autoencoder_figures(run):
     assert 0 < ev["codebooks"][0]["usage"] <= 1 and ev["codebooks"][0]["perplexity"] >= 1
 
 
+def test_with_code_dropout_the_better_of_two_exact_codes_is_reported(run):
+    import sentcode
+    from sentcode.eval.hier import evaluate_hier
+
+    g = sentcode.load(run)
+    split = g.split_arrays(TEXT)
+    g.model.cfg.code_dropout = 0.0
+    two = evaluate_hier(g.model, split, "cpu")
+    assert "onepart_bpb" not in two and two["bpb"] == two["twopart_bpb"]
+    g.model.cfg.code_dropout = 0.5  # the expander was trained without codes for half the segments
+    both = evaluate_hier(g.model, split, "cpu")
+    assert both["onepart_bpb"] == pytest.approx(both["render_bpb_none"])
+    assert both["bpb"] == pytest.approx(min(both["onepart_bpb"], both["twopart_bpb"]))
+    assert both["bits"] == pytest.approx(both["bpb"] * both["bytes"])
+
+
 def test_teacher_forced_exactness_is_what_greedy_decoding_gives(run):
     import sentcode
     from sentcode.eval.hier import evaluate_hier

@@ -70,12 +70,14 @@ class AutoencoderFigures:
         }
 
 
-def evaluate_hier(model, split: SegmentSplit, device, max_bytes: int | None = None) -> dict:
-    """Bits per byte (two-part, with its parts) and the autoencoder's figures, in one pass per code mode."""
+def evaluate_hier(model, split: SegmentSplit, device, max_bytes: int | None = None, quick: bool = False) -> dict:
+    """Bits per byte (two-part, with its parts) and the autoencoder's figures, in one pass per code mode
+    (``quick``: the oracle and no-code passes only, for validation during training)."""
     from sentcode.eval.steplm import evaluate_segments
 
     figures = AutoencoderFigures(model)
-    result = evaluate_segments(model, split, device, max_bytes=max_bytes, observer=figures)
+    modes = ("oracle", "none") if quick else None
+    result = evaluate_segments(model, split, device, max_bytes=max_bytes, observer=figures, modes=modes)
     result["twopart_bpb"] = result["bpb"]
     if model.cfg.code_dropout > 0 and "render_bpb_none" in result:
         # trained with code dropout, the expander without codes is a model of its own: an exact one-part code

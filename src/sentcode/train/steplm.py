@@ -88,7 +88,7 @@ def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device) -> T
             return evaluate_segments(m, val, device, max_bytes=max_tokens)
         from sentcode.eval.hier import evaluate_hier
 
-        return evaluate_hier(m, val, device, max_bytes=max_tokens)
+        return evaluate_hier(m, val, device, max_bytes=max_tokens, quick=True)
 
     return TrainTask(model=model, batches=rows, loss=steplm_loss, evaluate=evaluate,
                      tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token())
