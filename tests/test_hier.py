@@ -348,3 +348,10 @@ def test_the_server_and_the_chat_serve_the_family(run):
     out = io.StringIO()
     chat = Chat(g, temperature=0.0, max_len=3, out=out)
     assert chat.unit == "segments"
+
+
+def test_the_training_log_has_the_loss_terms_and_codebook_health(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    step = [r for r in rows if "loss_render" in r]
+    assert step and {"loss_plan", "loss_commit", "code_used_l1", "code_perplexity_l1"} <= set(step[-1])
+    assert step[-1]["loss_render"] > 0 and step[-1]["code_perplexity_l1"] >= 1

@@ -413,6 +413,21 @@ class ResidualVQ(nn.Module):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
+    def ema_report(self) -> dict:
+        """Per level, from the EMA assignment counts (no data needed; for training logs): ``used`` (share of
+        codes above the dead threshold) and ``perplexity`` (exp of the entropy of the count distribution)."""
+        out = {}
+        for level, book in enumerate(self.books):
+            counts = book.cluster_size.float()
+            total = counts.sum().clamp_min(1e-12)
+            p = counts / total
+            entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+            dead = counts < self.dead_threshold * total / book.size
+            out[f"code_used_l{level + 1}"] = 1.0 - dead.float().mean().item()
+            out[f"code_perplexity_l{level + 1}"] = math.exp(entropy)
+        return out
+
     # ---- checkpoints ------------------------------------------------------------------------------------
 
     def _load_from_state_dict(

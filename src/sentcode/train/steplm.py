@@ -60,8 +60,9 @@ def prepare_segments(corpus: str, data_dir: Path, cfg: StepLMConfig) -> dict:
     return meta
 
 
-def steplm_loss(model, batch) -> torch.Tensor:
-    """The two-part code length per predicted symbol (nats), plus the quantizer's commitment term."""
+def steplm_loss(model, batch, parts: dict | None = None) -> torch.Tensor:
+    """The two-part code length per predicted symbol (nats), plus the quantizer's commitment term; ``parts``
+    receives each term of this micro-batch apart (nats per symbol), for the training log."""
     x, y, seg, n_seg = batch
     raw = ckpt_io.unwrap(model)
     drop = cut = None
@@ -70,7 +71,11 @@ def steplm_loss(model, batch) -> torch.Tensor:
     if raw.cfg.context_dropout > 0:
         cut = torch.rand(x.shape[0], n_seg, device=x.device) < raw.cfg.context_dropout
     out = model(x, y, seg, n_seg, drop=drop, cut=cut)
-    return ((out["render_nats"] + out["plan_nats"]) / out["symbols"].clamp(min=1) + out["commit"]
+    symbols = out["symbols"].clamp(min=1)
+    if parts is not None:
+        parts.update(loss_render=out["render_nats"].detach() / symbols, loss_plan=out["plan_nats"].detach() / symbols,
+                     loss_commit=out["commit"].detach(), loss_predict=out["predict"].detach())
+    return ((out["render_nats"] + out["plan_nats"]) / symbols + out["commit"]
             + raw.cfg.predict_weight * out["predict"])
 
 
@@ -90,8 +95,14 @@ def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device) -> T
 
         return evaluate_hier(m, val, device, max_bytes=max_tokens, quick=True)
 
-    return TrainTask(model=model, batches=rows, loss=steplm_loss, evaluate=evaluate,
-                     tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token())
+    parts: dict = {}
+
+    def metrics(m) -> dict:  # the loss's terms apart (last micro-batch) and the codebooks' health
+        return {**{k: float(v) for k, v in parts.items()}, **(m.rvq.ema_report() if m.cfg.levels else {})}
+
+    return TrainTask(model=model, batches=rows, loss=lambda m, b: steplm_loss(m, b, parts), evaluate=evaluate,
+                     tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token(),
+                     extra_metrics=metrics)
 
 
 def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny", overrides: list[str] | None = None,
