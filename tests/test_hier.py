@@ -355,3 +355,20 @@ def test_the_training_log_has_the_loss_terms_and_codebook_health(run):
     step = [r for r in rows if "loss_render" in r]
     assert step and {"loss_plan", "loss_commit", "code_used_l1", "code_perplexity_l1"} <= set(step[-1])
     assert step[-1]["loss_render"] > 0 and step[-1]["code_perplexity_l1"] >= 1
+
+
+def test_lm_eval_scores_the_family(run):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'sentcode[lmeval]')")
+    import sentcode
+    import sentcode.lmeval.model  # noqa: F401
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from test_lmeval import check_against_scoring
+
+    from sentcode.lmeval import TASKS_DIR
+
+    out = simple_evaluate(model="sentcode", model_args=f"run={run}", tasks=["sentcode_sotu"],
+                          task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+                          device="cpu", log_samples=True)
+    assert out["config"]["sentcode_family"] == "hier"
+    check_against_scoring(sentcode.load(run), out["results"], out["samples"])
