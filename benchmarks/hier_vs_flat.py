@@ -31,6 +31,9 @@ MODELS = {  # trained two at a time in this order: the flat LM beside the defaul
     "hier-entropy": ("hier-tiny", ["data.segmenter=entropy", "data.segment_bytes=6"]),
     "hier-relative": ("hier-tiny", ["data.segmenter=entropy", "data.entropy_mode=relative", "data.segment_bytes=6"]),
     "hier-stride": ("hier-tiny", ["data.segmenter=stride", "data.segment_bytes=6"]),
+    # a pure autoencoder: every segment written from the state, its code and its own bytes; one-part off
+    "hier-ae": ("hier-tiny", ["model.context_dropout=1", "model.code_dropout=0", "model.codebook_size=1024"]),
+    "steplm-codes": ("sentence-tiny", ["model.levels=2"]),  # sentence codes learned in the same run
 }
 
 
@@ -40,7 +43,7 @@ def train_one(work: Path, name: str, corpus: str, minutes: float, precision: str
         return train_flat(work, corpus, minutes, precision, [])
     from sentcode.train.steplm import train_hier, train_steplm
 
-    train = train_steplm if name == "steplm" else train_hier
+    train = train_steplm if name.startswith("steplm") else train_hier
     train(corpus, work / name, preset=preset, progress="plain", evaluate_test=False,
           overrides=[f"train.time_budget_s={minutes * 60}", "train.max_steps=1000000", "train.eval_every=0",
                      "train.final_eval=false", "train.save_every=0", f"train.precision={precision}", *sets,
@@ -58,7 +61,7 @@ def evaluate(g, name: str, run: Path) -> dict:
     if name == "flat":
         return evaluate_run(g, split="test")
     test = SegmentSplit.load(run / "data" / "test.npz")
-    if name == "steplm":
+    if name.startswith("steplm"):
         return evaluate_segments(g.model, test, g.device)
     return evaluate_hier(g.model, test, g.device, quick=True)
 
@@ -75,7 +78,7 @@ def row(work: Path, name: str) -> dict:
     if name == "flat":
         gen = lambda s: g.generate(PROMPT, max_bytes=300, temperature=0.8, seed=s)  # noqa: E731
     else:
-        n = 3 if name == "steplm" else 50  # about 300 bytes either way
+        n = 3 if name.startswith("steplm") else 50  # about 300 bytes either way
         gen = lambda s: g.generate(PROMPT, max_sentences=n, temperature=0.8, seed=s)  # noqa: E731
     return {"params": sum(p.numel() for p in g.model.parameters()), "bpb": ev["bpb"], "eval": ev,
             "steps": summary["step"], "bytes_s": speed(gen), "sample": gen(0)[:300]}
