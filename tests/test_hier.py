@@ -372,3 +372,92 @@ def test_lm_eval_scores_the_family(run):
                           device="cpu", log_samples=True)
     assert out["config"]["sentcode_family"] == "hier"
     check_against_scoring(sentcode.load(run), out["results"], out["samples"])
+
+
+# ---- a second level ------------------------------------------------------------------------------------------
+
+UPPER = ["data.upper_stride=4", "upper.d_model=32", "upper.n_layer=1", "upper.n_head=2", "upper.n_kv_head=1",
+         "upper.d_plan=32", "upper.plan_layers=1", "upper.plan_heads=2", "upper.plan_kv_heads=1",
+         "upper.enc_d_model=16", "upper.enc_heads=2", "upper.window=16", "upper.max_segments=16",
+         "upper.codebook_size=16", "upper.d_code=8"]
+
+
+def test_level1_codes_become_level2_segments_within_documents():
+    from sentcode.data.segments import SegmentSplit
+    from sentcode.models.hier import code_split
+
+    split = SegmentSplit(np.zeros(10, np.uint8), np.arange(11), np.array([0, 6, 6, 10]))  # docs of 6, 0, 4 segments
+    codes = np.arange(10) * 3
+    up = code_split(split, codes, 4)
+    assert up.n_docs == 3 and [len(up.segment(i)) for i in range(up.n_segments)] == [4, 2, 4]
+    assert np.concatenate([up.segment(i) for i in range(up.n_segments)]).tolist() == codes.tolist()
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory):
+    from sentcode.train.steplm import train_hier
+
+    out = tmp_path_factory.mktemp("hier2") / "run"
+    s = train_hier("sample", out, overrides=MICRO + UPPER, progress=False)
+    assert s["status"] == "completed" and s["upper"]["status"] == "completed"
+    return out
+
+
+def test_two_levels_train_score_and_count_every_part(run2):
+    ev = json.loads((run2 / "eval.json").read_text())
+    u = ev["level2"]
+    assert u["level1_codes_per_segment"] == pytest.approx(4, rel=0.2) and u["bytes_per_code"] > ev["bytes_per_code"]
+    assert 0 <= u["code_accuracy"] <= 1 and u["codebooks"][0]["perplexity"] >= 1
+    # the two-level code: level 1's expander bits given its codes + level 2's bits for those codes
+    assert ev["two_level_bpb"] > ev["render_bpb_oracle"]
+    assert ev["bpb"] == pytest.approx(min(ev["two_level_bpb"], ev["one_level_bpb"]))
+
+
+def test_batched_level1_codes_are_the_ones_encode_gives(run2):
+    import sentcode
+    from sentcode.models.hier import level1_codes
+
+    g = sentcode.load(run2)
+    text = TEXT[:300]
+    assert level1_codes(g.model, g.split_arrays(text), "cpu").tolist() == [c[0] for c in g.encode(text)["codes"]]
+
+
+def test_level2_codes_decode_through_level1(run2):
+    import sentcode
+
+    g = sentcode.load(run2)
+    render = g.upper.model.render
+    eos = g.upper.model.cfg.symbols + 1
+
+    def no_early_end(*a, **k):  # the micro model ends segments at once; make it write each one in full
+        logits = render(*a, **k)
+        logits[..., eos - 1:] = -1e4  # BOS, EOS and PAD: each would end the segment
+        return logits
+
+    g.upper.model.render = no_early_end
+    enc = g.encode("The Congress met today. It passed three bills.")
+    top = enc["level2"]["codes"]
+    assert sum(enc["level2"]["segments"]) == len(enc["codes"]) and len(top) == -(-len(enc["codes"]) // 4)
+    stream = [int(c) for seg in g.upper.decode_segments(g.upper.check_codes(top)) for c in seg]
+    assert len(stream) == 4 * len(top)
+    assert g.decode(top, level=2) == g.decode([[c] for c in stream])
+    with pytest.raises(SentcodeError, match="codes are integers from 0 to 15"):
+        g.decode([[99]], level=2)
+    with pytest.raises(SentcodeError, match="level must be 1 or 2"):
+        g.decode(top, level=3)
+
+
+def test_cli_round_trips_both_levels(run2, run, tmp_path, capsys):
+    from test_cli import assert_one_line_error, run_cli
+
+    src = tmp_path / "in.txt"
+    src.write_text("The Congress met today.")
+    codes = tmp_path / "codes.json"
+    rc, _, err = run_cli(capsys, ["hier", "encode", run2, "--text-file", src, "--out", codes, "--check"])
+    assert rc == 0 and "level 2:" in err and "round trip from level-2 codes" in err, err
+    rc, out, err = run_cli(capsys, ["hier", "decode", run2, "--codes", codes])
+    assert rc == 0, err
+    rc, out, _ = run_cli(capsys, ["eval", run2])
+    assert rc == 0 and "two levels:" in out
+    rc, _, err = run_cli(capsys, ["hier", "decode", run, "--codes", codes])  # a one-level run
+    assert_one_line_error(rc, err, "one level")

@@ -319,7 +319,8 @@ def _train_end_to_end(args, corpus, fam) -> int:
                              device=args.device, progress=_progress(args))
     if s["status"] != "completed":
         return 130
-    print(f"trained {s['step']} steps in {s['train_elapsed']:.0f}s")
+    print(f"trained {s['step']} steps in {s['train_elapsed']:.0f}s"
+          + (f", then {s['upper']['step']} steps of the second level" if s.get("upper") else ""))
     if s.get("eval"):
         print(fam.resolve("format")(s["eval"]))
     print(f"run directory {args.out}")

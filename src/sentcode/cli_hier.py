@@ -43,6 +43,8 @@ def add_commands(sub) -> None:
     dec.add_argument("run_dir", metavar="RUN_DIR", help="the run that wrote the codes")
     dec.add_argument("--codes", required=True, metavar="CODES.json", help="codes from `sentcode hier encode --out`")
     dec.add_argument("--out", default=None, metavar="FILE", help="write the text here (default: print it)")
+    dec.add_argument("--level", type=int, choices=[1, 2], default=None,
+                     help="which codes of the file to decode (default: the top level it holds)")
 
 
 def _load(run_dir: str):
@@ -73,10 +75,18 @@ def dispatch(args) -> int:
         r = g.encode(text)
         print(f"{r['bytes']:,} bytes -> {len(r['codes']):,} segments x {r['levels']} codes: "
               f"{r['bytes_per_code']:.2f} bytes per code", file=sys.stderr)
+        if "level2" in r:
+            top = r["level2"]
+            print(f"level 2: -> {len(top['codes']):,} segments x {top['levels']} codes: {top['bytes_per_code']:.2f} "
+                  "bytes per code", file=sys.stderr)
         if args.check:
-            rt = round_trip(text, g.decode(r["codes"]))
-            print(f"round trip: {'exact' if rt['exact'] else 'not exact'}; {rt['bytes_matching']:.2%} of bytes "
-                  f"match in place ({rt['decoded_bytes']:,} bytes decoded)", file=sys.stderr)
+            for level, codes in ((1, r["codes"]), (2, r.get("level2", {}).get("codes"))):
+                if codes is None:
+                    continue
+                rt = round_trip(text, g.decode(codes, level=level))
+                print(f"round trip from level-{level} codes: {'exact' if rt['exact'] else 'not exact'}; "
+                      f"{rt['bytes_matching']:.2%} of bytes match in place ({rt['decoded_bytes']:,} bytes decoded)",
+                      file=sys.stderr)
         if args.out:
             write_json(Path(args.out), r)
             print(f"wrote {args.out}", file=sys.stderr)
@@ -90,9 +100,14 @@ def dispatch(args) -> int:
         raise SentcodeError(f"cannot read codes from {path}: {e}") from None
     if not isinstance(data, dict) or "codes" not in data:
         raise SentcodeError(f"{path} holds no codes: write them with `sentcode hier encode RUN --out {path}`")
-    if data.get("levels", g.model.cfg.levels) != g.model.cfg.levels:
-        raise SentcodeError(f"{path} holds codes of {data['levels']} levels; this run has {g.model.cfg.levels}")
-    text = g.decode(data["codes"])
+    level = args.level or (2 if isinstance(data.get("level2"), dict) else 1)
+    part = data if level == 1 else data.get("level2")
+    if not isinstance(part, dict) or "codes" not in part:
+        raise SentcodeError(f"{path} holds no level-2 codes")
+    model = g.model if level == 1 else (g.upper_model or g.model)
+    if part.get("levels", model.cfg.levels) != model.cfg.levels:
+        raise SentcodeError(f"{path} holds codes of {part['levels']} levels; this run has {model.cfg.levels}")
+    text = g.decode(part["codes"], level=level)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8", errors="surrogateescape")
         print(f"wrote {len(text.encode('utf-8', 'surrogateescape')):,} bytes to {args.out}", file=sys.stderr)

@@ -150,7 +150,10 @@ def _round32(x: float) -> int:
     return max(32, int(round(x / 32)) * 32)
 
 
-def _from_dict(cls, data: dict, where: str):
+def _from_dict(cls, data: dict, where: str, base=None):
+    """``cls`` from ``data``; keys left out keep ``base``'s values (a section's own default, which may differ
+    from its class's: the second level of ``hier`` is a ``StepLMModelConfig`` with other sizes), else the
+    class defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -160,13 +163,16 @@ def _from_dict(cls, data: dict, where: str):
     kwargs = {}
     for name, value in data.items():
         f = known[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if base is not None:
+            default = getattr(base, name)
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         key = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value, key)
+            kwargs[name] = _from_dict(type(default), value, key, default)
         else:
             kwargs[name] = _coerce(value, default, key)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def _coerce(value, default, key):

@@ -3,6 +3,10 @@ deterministic windows of a full evaluation pass.
 
 A row holds consecutive segments of one document as the renderer's stream: per segment [BOS, b_1 .. b_n] with
 targets [b_1 .. b_n, EOS], and ``seg`` giving each position's segment index in the row (-1 on padding).
+
+The symbols are bytes (256 of them), or the codes of a lower level of a hierarchical model (``symbols`` of
+them, stored as integers); the three special ids follow the symbols: BOS = symbols, EOS = symbols + 1,
+PAD = symbols + 2 (for bytes, the byte tokenizer's 256, 257, 258).
 """
 
 from __future__ import annotations
@@ -17,6 +21,11 @@ from sentcode.errors import DataError
 from sentcode.tokenizer.bytes import ByteTokenizer
 
 BOS, EOS, PAD = ByteTokenizer.bos_id, ByteTokenizer.eos_id, ByteTokenizer.pad_id
+
+
+def specials(symbols: int = 256) -> tuple[int, int, int]:
+    """(BOS, EOS, PAD) of a stream over ``symbols`` symbols."""
+    return symbols, symbols + 1, symbols + 2
 
 
 @dataclass
@@ -48,12 +57,16 @@ class SegmentSplit:
     def n_docs(self) -> int:
         return len(self.doc_seg) - 1
 
-    def segment(self, i: int) -> bytes:
-        return self.bytes[self.seg_start[i]:self.seg_start[i + 1]].tobytes()
+    def segment(self, i: int):
+        """Segment i: bytes, or an integer array for a stream of codes."""
+        part = self.bytes[self.seg_start[i]:self.seg_start[i + 1]]
+        return part.tobytes() if self.bytes.dtype == np.uint8 else part
 
 
-def build_row(segments: list[bytes], length: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, y, seg) int64 arrays of one row; padded to ``length`` when given."""
+def build_row(segments: list, length: int | None = None, symbols: int = 256
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y, seg) int64 arrays of one row (segments: bytes or integer arrays); padded to ``length``."""
+    BOS, EOS, PAD = specials(symbols)
     n = sum(len(s) + 1 for s in segments)
     T = n if length is None else length
     x = np.full(T, PAD, dtype=np.int64)
@@ -61,7 +74,7 @@ def build_row(segments: list[bytes], length: int | None = None) -> tuple[np.ndar
     seg = np.full(T, -1, dtype=np.int64)
     pos = 0
     for j, s in enumerate(segments):
-        b = np.frombuffer(s, dtype=np.uint8)
+        b = np.frombuffer(s, dtype=np.uint8) if isinstance(s, (bytes, bytearray)) else np.asarray(s, dtype=np.int64)
         k = len(b) + 1
         x[pos] = BOS
         x[pos + 1:pos + k] = b
@@ -72,10 +85,10 @@ def build_row(segments: list[bytes], length: int | None = None) -> tuple[np.ndar
     return x, y, seg
 
 
-def stack_rows(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device) -> tuple:
+def stack_rows(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device, pad: int = PAD) -> tuple:
     T = max(len(r[0]) for r in rows)
     out = []
-    for k, fill in enumerate((PAD, -1, -1)):
+    for k, fill in enumerate((pad, -1, -1)):
         a = np.full((len(rows), T), fill, dtype=np.int64)
         for i, r in enumerate(rows):
             a[i, :len(r[k])] = r[k]
@@ -92,11 +105,11 @@ class RowSource:
     accumulation and every DDP rank see the data an uninterrupted run would."""
 
     def __init__(self, split: SegmentSplit, length: int, batch: int, max_segments: int, seed: int, device,
-                 rank: int = 0):
+                 rank: int = 0, symbols: int = 256):
         if split.n_segments == 0:
             raise DataError("the training split holds no segments")
         self.split, self.length, self.batch, self.max_segments = split, length, batch, max_segments
-        self.seed, self.rank, self.device = seed, rank, device
+        self.seed, self.rank, self.device, self.symbols = seed, rank, device, symbols
         self.draw = 0
         self.doc_of = np.searchsorted(split.doc_seg, np.arange(split.n_segments), side="right") - 1
 
@@ -111,7 +124,7 @@ class RowSource:
             segs.append(s)
             used += len(s) + 1
             i += 1
-        return build_row(segs, self.length)
+        return build_row(segs, self.length, self.symbols)
 
     def next_batch(self):
         rows = []
@@ -119,7 +132,7 @@ class RowSource:
             rng = np.random.default_rng([self.seed, self.rank, self.draw])
             self.draw += 1
             rows.append(self._row(int(rng.integers(self.split.n_segments))))
-        return stack_rows(rows, self.device)
+        return stack_rows(rows, self.device, specials(self.symbols)[2])
 
     def state_dict(self) -> dict:
         return {"draw": self.draw}

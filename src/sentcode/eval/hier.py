@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from sentcode.data.segments import EOS, SegmentSplit
+from sentcode.data.segments import SegmentSplit, specials
 
 
 class AutoencoderFigures:
@@ -27,14 +27,15 @@ class AutoencoderFigures:
 
     def __init__(self, model):
         self.levels, self.size = model.cfg.levels, model.cfg.codebook_size
+        self.eos = specials(model.cfg.symbols)[1]
         self.hits = self.bytes = 0
         self.exact: list[bool] = []  # per scored segment, in order
         self.histograms = torch.zeros(self.levels, self.size, dtype=torch.long)
 
     def add(self, firsts: list[int], y, seg, n_seg: int, out: dict) -> None:
         scored = y >= 0
-        self.hits += int((out["hit"] & (y != EOS)).sum())
-        self.bytes += int((scored & (y != EOS)).sum())
+        self.hits += int((out["hit"] & (y != self.eos)).sum())
+        self.bytes += int((scored & (y != self.eos)).sum())
         idx = torch.where(scored, seg, n_seg)
         miss = torch.zeros(y.shape[0], n_seg + 1, dtype=torch.long, device=y.device)
         miss.scatter_add_(1, idx, (~out["hit"] & scored).long())
@@ -89,6 +90,31 @@ def evaluate_hier(model, split: SegmentSplit, device, max_bytes: int | None = No
     return {**result, **figures.result(split)}
 
 
+def evaluate_levels(model, upper, split: SegmentSplit, device, level1: dict | None = None) -> dict:
+    """Level 1's figures (``level1``, or scored here) and, with a second level (``upper``), the two-level code
+    length: the top code LM's bits for the level-2 codes + level 2's expander bits for the level-1 codes + level
+    1's expander bits for the bytes given them (each part charged, segment ends included). The model's bits per
+    byte is the better of the one- and two-level codes."""
+    from sentcode.models.hier import code_split, level1_codes
+
+    r = dict(level1 or evaluate_hier(model, split, device))
+    if upper is None:
+        return r
+    stride = upper.cfg.max_segment_bytes
+    codes = code_split(split, level1_codes(model, split, device), stride)
+    l2 = evaluate_hier(upper, codes, device)
+    bits = r["render_bpb_oracle"] * r["bytes"] + l2["bits"]
+    r["level2"] = {"bits_per_level1_code": l2["bpb"], "level1_codes_per_segment": l2["bytes_per_segment"],
+                   "bytes_per_code": r["bytes"] / max(l2["segments"] * upper.cfg.levels, 1),
+                   "code_accuracy": l2["byte_accuracy"], "segments_exact": l2["segments_exact"],
+                   "codebooks": l2["codebooks"], "plan_bits_per_level1_code": l2["plan_bpb"]}
+    r["two_level_bpb"] = bits / max(r["bytes"], 1)
+    r["one_level_bpb"] = r["bpb"]
+    if r["two_level_bpb"] < r["bpb"]:
+        r.update(bpb=r["two_level_bpb"], bits=bits)
+    return r
+
+
 def format_hier_result(r: dict) -> str:
     from sentcode.eval.steplm import format_steplm_result
 
@@ -103,6 +129,13 @@ def format_hier_result(r: dict) -> str:
                      f"of segments, {r['documents_exact']:.2%} of {r['documents']} documents exact")
         lines.append("  codebooks: " + ", ".join(f"level {i + 1} usage {b['usage']:.0%}, perplexity {b['perplexity']:.1f}"
                                                  for i, b in enumerate(r["codebooks"])))
+    if "level2" in r:
+        u = r["level2"]
+        lines.append(f"  second level: {u['level1_codes_per_segment']:.2f} level-1 codes per segment, {u['bytes_per_code']:.2f} "
+                     f"bytes per code; level-1 codes from true level-2 codes: {u['code_accuracy']:.2%} exact, "
+                     f"{u['segments_exact']:.2%} of segments; codebook perplexity {u['codebooks'][0]['perplexity']:.1f}")
+        lines.append(f"  two levels: {r['two_level_bpb']:.4f} bits per byte (one level {r['one_level_bpb']:.4f}); "
+                     f"the model's: {r['bpb']:.4f}")
     return "\n".join(lines)
 
 
@@ -123,4 +156,4 @@ def evaluate_hier_run(gen, text_file=None, split: str = "test") -> dict:
             return json.loads(cached.read_text())
         data = SegmentSplit.load(gen.run_dir / "data" / f"{split}.npz")
         source = f"{split} split"
-    return {"family": "hier", "source": source, **evaluate_hier(gen.model, data, gen.device)}
+    return {"family": "hier", "source": source, **evaluate_levels(gen.model, gen.upper_model, data, gen.device)}

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from sentcode.data.segments import SegmentSplit, build_row, eval_windows, stack_rows
+from sentcode.data.segments import SegmentSplit, build_row, eval_windows, specials, stack_rows
 
 LN2 = math.log(2)
 
@@ -28,6 +28,7 @@ def evaluate_segments(model, split: SegmentSplit, device, batch_rows: int = 4, m
     was_training = model.training
     model.eval()
     codes_on = bool(model.cfg.levels)
+    symbols = model.cfg.symbols
     if modes is None:
         modes = ("oracle", "predicted", "shuffled", "none") if codes_on else ("oracle",)
     sums = {m: 0.0 for m in modes}
@@ -38,7 +39,7 @@ def evaluate_segments(model, split: SegmentSplit, device, batch_rows: int = 4, m
 
     def flush():
         nonlocal plan_nats
-        x, y, seg, n_seg = stack_rows([r for r, _ in batch], device)
+        x, y, seg, n_seg = stack_rows([r for r, _ in batch], device, specials(symbols)[2])
         for m in modes:
             out = model(x, y, seg, n_seg, code_mode=m, details=observer is not None and m == "oracle")
             if observer is not None and m == "oracle":
@@ -49,7 +50,7 @@ def evaluate_segments(model, split: SegmentSplit, device, batch_rows: int = 4, m
         batch.clear()
 
     for segments, first in eval_windows(split, model.cfg.max_segments):
-        x, y, seg = build_row(segments)
+        x, y, seg = build_row(segments, symbols=symbols)
         y[seg < first] = -1  # context only: scored in an earlier window
         batch.append(((x, y, seg), first))
         n_bytes += sum(len(s) for s in segments[first:])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sentcode.data.segments import BOS, build_row
+from sentcode.data.segments import build_row, specials
 from sentcode.errors import SentcodeError
 from sentcode.nn.sampling import check_sampling, make_generator, sample_next
 from sentcode.models.sentence.steplm import FAMILY, WEIGHTS, StepLM, StepLMConfig, trim_cache
@@ -71,6 +71,8 @@ class StepLMGenerator:
         self.device = next(model.parameters()).device
         self.max_bytes = model.cfg.max_segment_bytes
         self.codes = bool(model.cfg.levels)
+        self.symbols = model.cfg.symbols  # 256 bytes, or the codes of a lower level (segments are then int lists)
+        self.bos = specials(self.symbols)[0]
         self.default_rerank = 4 if self.codes else 1
 
     # ---- pieces -----------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ class StepLMGenerator:
 
     def _encode(self, state: _State, segment: bytes, written: bool):
         """(e [1, d_plan], pooled [1, enc_d]) of a segment; ``written``: its ids are the newest in the stream."""
-        x, _, seg = build_row([segment])
+        x, _, seg = build_row([segment], symbols=self.symbols)
         before = state.stream[:len(state.stream) - len(x)] if written else state.stream
         ctx = before[-self.model.cfg.window:]
         ids = torch.tensor([ctx + x.tolist()], device=self.device)
@@ -140,17 +142,17 @@ class StepLMGenerator:
         when not ``score``: only reranking reads it)."""
         if self.model.cfg.context_dropout >= 1:  # each segment is written from its own bytes only
             state.render_cache = self.model.renderer.new_cache()
-        logits = self._feed(state, [BOS] + list(prefix))
-        out, lp = bytearray(), 0.0
+        logits = self._feed(state, [self.bos] + list(prefix))
+        out, lp = [], 0.0
         while len(prefix) + len(out) < self.max_bytes:
             nxt = int(sample_next(logits, temperature, top_k, top_p, generator=gen)[0])
             if score:
                 lp += float(torch.log_softmax(logits.float(), -1)[0, nxt])
-            if nxt >= 256:  # the end-of-segment symbol (BOS and PAD are never targets)
+            if nxt >= self.model.cfg.symbols:  # the end-of-segment symbol (BOS and PAD are never targets)
                 break
             out.append(nxt)
             logits = self._feed(state, [nxt])
-        return bytes(out), lp
+        return (bytes(out) if self.symbols == 256 else out), lp
 
     def _prime(self, segments: list[bytes]) -> tuple[_State, bytes]:
         """The state after reading the prompt's completed segments, and the segment in progress."""
@@ -162,7 +164,7 @@ class StepLMGenerator:
         for s in done:
             e, pooled = self._encode(state, s, written=False)
             self._set_cond(state, self._codes_of(pooled)[0] if self.codes else None)  # as in training
-            self._feed(state, [BOS] + list(s))
+            self._feed(state, [self.bos] + list(s))
             self._plan(state, e)
         return state, current
 

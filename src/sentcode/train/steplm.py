@@ -119,18 +119,32 @@ def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny"
     summary = train_and_export(run_dir, cfg, lambda info, dev: build_steplm_task(cfg, run_dir / "data", info, dev),
                                WEIGHTS, resume=resume_path, device=device, progress=progress,
                                stop_at=stop_at)
-    if summary["status"] == "completed" and evaluate_test:
-        from sentcode.eval.steplm import evaluate_segments
-        from sentcode.runs.weights import load_weights
+    if summary["status"] != "completed":
+        return summary
+    from sentcode.runs.weights import load_weights
 
-        model = load_weights(StepLM(cfg.model), run_dir, WEIGHTS)  # what `sentcode.load` will read
+    model = load_weights(StepLM(cfg.model), run_dir, WEIGHTS)  # what `sentcode.load` will read
+    upper = None
+    if cfg.family != FAMILY and cfg.data.upper_stride:
+        from sentcode.models.hier import UPPER_DIR
+        from sentcode.train.hier import train_upper
+
+        up = train_upper(run_dir, cfg, model, resume, device, progress, stop_at)
+        summary["upper"] = {"status": up["status"], "step": up["step"]}
+        if up["status"] != "completed":
+            summary["status"] = up["status"]
+            return summary
+        upper = load_weights(StepLM(cfg.upper_model()), run_dir / UPPER_DIR, WEIGHTS)
+    if evaluate_test:
+        from sentcode.eval.steplm import evaluate_segments
+
         test = SegmentSplit.load(run_dir / "data" / "test.npz")
         if cfg.family == FAMILY:
             scores = evaluate_segments(model, test, "cpu")
         else:
-            from sentcode.eval.hier import evaluate_hier
+            from sentcode.eval.hier import evaluate_levels
 
-            scores = evaluate_hier(model, test, "cpu")
+            scores = evaluate_levels(model, upper, test, "cpu")
         result = {"family": cfg.family, "source": f"test split of {corpus}", **scores}
         write_json(run_dir / "eval.json", result)
         summary["eval"] = result

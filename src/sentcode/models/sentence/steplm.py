@@ -35,9 +35,7 @@ from sentcode.models.lm import Block
 from sentcode.nn import LayerCache, RMSNorm, rope_cos_sin
 from sentcode.nn.init import init_weights
 from sentcode.nn.rvq import ResidualVQ
-from sentcode.tokenizer.bytes import ByteTokenizer
 
-VOCAB = ByteTokenizer.vocab_size  # 256 bytes + segment start (BOS), segment end (EOS), padding
 FAMILY = "steplm"
 WEIGHTS = "model.safetensors"  # the exported weights in a run directory
 
@@ -74,10 +72,17 @@ class StepLMModelConfig:
     # | normal
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    symbols: int = 256  # the stream's alphabet: 256 bytes, or the codes of the level below (a second level)
+
+    @property
+    def vocab(self) -> int:
+        """Symbols + segment start (BOS), segment end (EOS), padding."""
+        return self.symbols + 3
 
     def validate(self) -> None:
         for name in ("d_model", "n_layer", "n_head", "n_kv_head", "window", "enc_d_model", "enc_layers", "enc_heads",
-                     "d_plan", "plan_layers", "plan_heads", "plan_kv_heads", "max_segments", "codebook_size", "d_code"):
+                     "d_plan", "plan_layers", "plan_heads", "plan_kv_heads", "max_segments", "codebook_size", "d_code",
+                     "symbols"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be positive")
         for d, h, kv, where in ((self.d_model, self.n_head, self.n_kv_head, ""), (self.d_plan, self.plan_heads,
@@ -104,7 +109,7 @@ class StepLMModelConfig:
             raise ConfigError(f"model.cond_init must be zero or normal, got {self.cond_init!r}")
 
     def block(self, d: int, layers: int, heads: int, kv: int, window: int | None) -> ModelConfig:
-        return ModelConfig(vocab_size=VOCAB, d_model=d, n_layer=layers, n_head=heads, n_kv_head=kv,
+        return ModelConfig(vocab_size=self.vocab, d_model=d, n_layer=layers, n_head=heads, n_kv_head=kv,
                            ffn_mult=self.ffn_mult, max_seq_len=1 << 30, attn_window=window,
                            rope_theta=self.rope_theta, norm_eps=self.norm_eps)
 
@@ -225,9 +230,9 @@ class StepLM(nn.Module):
     def __init__(self, cfg: StepLMModelConfig):
         super().__init__()
         self.cfg = c = cfg
-        self.embed = nn.Embedding(VOCAB, c.d_model)
+        self.embed = nn.Embedding(c.vocab, c.d_model)
         self.renderer = _Stack(c.block(c.d_model, c.n_layer, c.n_head, c.n_kv_head, c.window))
-        self.enc_embed = nn.Embedding(VOCAB, c.enc_d_model)
+        self.enc_embed = nn.Embedding(c.vocab, c.enc_d_model)
         self.encoder = _Stack(c.block(c.enc_d_model, c.enc_layers, c.enc_heads, c.enc_heads, c.window))
         self.enc_out = nn.Linear(c.enc_d_model, c.d_plan, bias=False)
         if c.pool == "attention":  # one learned query per encoder head, over keys projected from the states
@@ -366,7 +371,7 @@ class StepLM(nn.Module):
             cut = torch.ones(x.shape[0], n_seg, dtype=torch.bool, device=x.device)
         logits = self.render(x, cond_pos, key_floor=None if cut is None else segment_floor(seg, n_seg, cut))
         mask = y >= 0
-        ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.clamp(min=0).reshape(-1), reduction="none")
+        ce = F.cross_entropy(logits.float().reshape(-1, self.cfg.vocab), y.clamp(min=0).reshape(-1), reduction="none")
         render_nats = (ce * mask.reshape(-1)).sum()
         predict = o.new_zeros(())
         if self.training and self.cfg.predict_weight > 0:
