@@ -310,7 +310,7 @@ def test_cli_encode_decode_eval_and_errors(run, tmp_path, capsys):
 
 
 def test_a_run_of_another_family_is_refused(run, tmp_path, capsys):
-    from test_cli import assert_one_line_error, run_cli
+    from test_cli import run_cli
 
     from sentcode.infer.steplm import load_steplm
 

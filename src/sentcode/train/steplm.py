@@ -31,7 +31,6 @@ def prepare_segments(corpus: str, data_dir: Path, cfg: StepLMConfig) -> dict:
     """Split the corpus and cut it into segments, once: ``data_dir/{split}.npz`` plus ``meta.json``, and the
     segmenter (fitted on the training split) in ``data_dir/..`` (the run directory). A second call with the same
     corpus, fractions and segmenter reuses them."""
-    from sentcode.corpus.cutters import Segmenter
     from sentcode.corpus.segments import segment_arrays
     from sentcode.corpus.splits import load_corpus
 

@@ -61,6 +61,8 @@ class StepLMModelConfig:
     codebook_size: int = 256
     d_code: int = 64
     commitment: float = 0.25
+    vq_decay: float = 0.99  # EMA decay of the codebooks' statistics
+    vq_restart: float = 0.01  # a code whose EMA use falls below this share of a uniform code's is restarted
     code_dropout: float = 0.1  # share of training segments rendered without their codes (the no-code mode)
     context_dropout: float = 0.0  # share of training segments whose bytes see no earlier byte: the planner's
     # state is then their only view of the past, so the renderer must learn to read it; at 1, no segment sees an
@@ -96,6 +98,8 @@ class StepLMModelConfig:
             raise ConfigError("model.max_segment_bytes must be at least 4")
         if self.levels < 0:
             raise ConfigError("model.levels must be >= 0 (0: codes off)")
+        if not 0 < self.vq_decay < 1 or not 0 <= self.vq_restart < 1:
+            raise ConfigError("model.vq_decay must lie in (0, 1) and model.vq_restart in [0, 1)")
         if not 0 <= self.code_dropout < 1:
             raise ConfigError("model.code_dropout must lie in [0, 1)")
         if self.predict_weight < 0:
@@ -245,7 +249,8 @@ class StepLM(nn.Module):
             self.predict = nn.Linear(c.d_plan, c.d_plan, bias=False)  # training only
         if c.levels:
             self.to_code = nn.Linear(c.enc_d_model, c.d_code, bias=False)
-            self.rvq = ResidualVQ(c.d_code, c.levels, c.codebook_size, commitment=c.commitment, normalize="running")
+            self.rvq = ResidualVQ(c.d_code, c.levels, c.codebook_size, decay=c.vq_decay, dead_threshold=c.vq_restart,
+                                  commitment=c.commitment, normalize="running")
             self.code_in = nn.Linear(c.d_code, c.d_model, bias=False)
             self.code_heads = nn.ModuleList(nn.Linear(c.d_plan, c.codebook_size, bias=False) for _ in range(c.levels))
             # level l's head reads o + the embeddings of the codes already chosen at levels < l
