@@ -23,7 +23,8 @@ MICRO = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.n_kv_he
          "model.enc_heads=2", "model.window=16", "model.max_segments=32", "model.max_segment_bytes=16",
          "model.codebook_size=16", "model.d_code=8", "train.seq_len=128", "train.micro_batch=2",
          "train.batch_tokens=256", "train.max_steps=8", "train.warmup_steps=2", "train.eval_every=0",
-         "train.save_every=0", "train.log_every=1", "train.final_eval=false", "train.precision=fp32"]
+         "train.save_every=0", "train.log_every=1", "train.final_eval=false", "train.precision=fp32",
+         "data.upper_stride=0"]  # one level; UPPER below adds the second
 
 
 def fitted(kind: str, mode: str = "global", target: float = 6.0) -> Segmenter:
