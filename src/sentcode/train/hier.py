@@ -25,12 +25,9 @@ def prepare_upper(run_dir: Path, cfg: HierConfig, model: StepLM) -> None:
 def train_upper(run_dir: Path, cfg: HierConfig, model: StepLM, resume: str | None, device, progress,
                 stop_at: int | None = None) -> dict:
     """Train the second level on level 1's codes (``model``: the trained level 1)."""
-    from sentcode.data.segments import RowSource
-    from sentcode.eval.hier import evaluate_hier
     from sentcode.runs import checkpoint as ckpt_io
-    from sentcode.train.loop import TrainTask
     from sentcode.train.runs import train_and_export
-    from sentcode.train.steplm import steplm_loss
+    from sentcode.train.steplm import build_steplm_task
 
     upper_dir = run_dir / UPPER_DIR
     ucfg = cfg.upper_config()
@@ -39,14 +36,7 @@ def train_upper(run_dir: Path, cfg: HierConfig, model: StepLM, resume: str | Non
         prepare_upper(run_dir, cfg, model)
 
     def build(info, dev):
-        m = StepLM(ucfg.model)
-        t = ucfg.train
-        rows = RowSource(SegmentSplit.load(upper_dir / "data" / "train.npz"), t.seq_len, t.micro_batch,
-                         ucfg.model.max_segments, t.seed, dev, rank=info.rank, symbols=ucfg.model.symbols)
-        val = SegmentSplit.load(upper_dir / "data" / "val.npz")
-        return TrainTask(model=m, batches=rows, loss=steplm_loss, tokens_per_batch=t.micro_batch * t.seq_len,
-                         evaluate=lambda mm, n: evaluate_hier(mm, val, dev, max_bytes=n, quick=True),
-                         flops_per_token=m.flops_per_token())
+        return build_steplm_task(ucfg, upper_dir / "data", info, dev, autoencoder=True)
 
     return train_and_export(upper_dir, ucfg, build, WEIGHTS, resume=resume_path, device=device, progress=progress,
                             stop_at=stop_at)

@@ -78,17 +78,19 @@ def steplm_loss(model, batch, parts: dict | None = None) -> torch.Tensor:
             + raw.cfg.predict_weight * out["predict"])
 
 
-def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device) -> TrainTask:
+def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device, autoencoder: bool = False) -> TrainTask:
+    """The core's training task on the segment data in ``data_dir`` (``autoencoder``: validation reports the
+    autoencoder's figures too)."""
     from sentcode.eval.steplm import evaluate_segments
 
     model = StepLM(cfg.model)
     t = cfg.train
     rows = RowSource(SegmentSplit.load(data_dir / "train.npz"), t.seq_len, t.micro_batch, cfg.model.max_segments,
-                     t.seed, device, rank=dist_info.rank)
+                     t.seed, device, rank=dist_info.rank, symbols=cfg.model.symbols)
     val = SegmentSplit.load(data_dir / "val.npz")
 
     def evaluate(m, max_tokens):
-        if cfg.family == FAMILY:
+        if not autoencoder:
             return evaluate_segments(m, val, device, max_bytes=max_tokens)
         from sentcode.eval.hier import evaluate_hier
 
@@ -115,7 +117,8 @@ def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny"
     resume_path = check_resume(run_dir, resume, cfg.to_dict())
     meta = prepare_segments(corpus, run_dir / "data", cfg)
     write_run_files(run_dir, cfg, corpus=corpus, segments=meta["splits"])
-    summary = train_and_export(run_dir, cfg, lambda info, dev: build_steplm_task(cfg, run_dir / "data", info, dev),
+    summary = train_and_export(run_dir, cfg, lambda info, dev: build_steplm_task(cfg, run_dir / "data", info, dev,
+                                                                       autoencoder=cfg.family != FAMILY),
                                WEIGHTS, resume=resume_path, device=device, progress=progress,
                                stop_at=stop_at)
     if summary["status"] != "completed":
