@@ -462,3 +462,14 @@ def test_cli_round_trips_both_levels(run2, run, tmp_path, capsys):
     assert rc == 0 and "two levels:" in out
     rc, _, err = run_cli(capsys, ["hier", "decode", run, "--codes", codes])  # a one-level run
     assert_one_line_error(rc, err, "one level")
+
+
+def test_cli_generate_writes_segments(run, capsys):
+    from test_cli import run_cli
+
+    rc, out, err = run_cli(capsys, ["generate", run, "--prompt", "The Congress", "--seed", "0", "--temperature", "0"])
+    assert rc == 0 and out.startswith("The Congress"), err
+    import sentcode
+
+    want = sentcode.load(run).generate("The Congress", max_sentences=40, temperature=0.0)
+    assert out == "The Congress" + want + "\n"

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", default=None, metavar="STR", help="flat LM: stop before this string")
     gen.add_argument("--no-cache", action="store_true", help="flat LM: recompute attention over the whole window at every step")
     gen.add_argument("--max-sentences", type=int, default=None,
-                     help="sentence run: most sentences to generate, 1 to 64 (default 3)")
+                     help="sentence run: most sentences to generate, 1 to 64 (default 3); hierarchical "
+                          "autoencoder run: most segments (words or so), 1 to 4096 (default 40)")
     rr = gen.add_mutually_exclusive_group()
     rr.add_argument("--rerank", type=int, default=None, metavar="N",
                     help="sentence run: candidates rendered per sentence and reranked (default 4; 0 or 1: none)")
@@ -331,7 +332,7 @@ def _generate_sentence(g, args) -> int:
     if args.stop is not None or args.no_cache:
         raise SentcodeError("--stop and --no-cache apply to flat LM runs, not sentence pipeline runs")
     rerank = 1 if args.no_rerank else args.rerank
-    max_sentences = 3 if args.max_sentences is None else args.max_sentences
+    max_sentences = getattr(g, "default_steps", 3) if args.max_sentences is None else args.max_sentences
     kw = dict(max_sentences=max_sentences, rerank=rerank, temperature=args.temperature, seed=args.seed,
               top_k=args.top_k, top_p=args.top_p)
     pieces = g.stream(args.prompt, **kw)  # checked before anything is printed

@@ -28,6 +28,7 @@ MAX_SEGMENTS = 4096  # the most segments one request may ask for, or one code li
 class HierGenerator(StepLMGenerator):
     family = FAMILY
     max_steps = MAX_SEGMENTS
+    default_steps = 40  # segments `sentcode generate` writes when not told (about 240 bytes of words)
 
     def __init__(self, *args, upper: "HierGenerator | None" = None, **kwargs):
         super().__init__(*args, **kwargs)
