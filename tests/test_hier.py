@@ -473,3 +473,18 @@ def test_cli_generate_writes_segments(run, capsys):
 
     want = sentcode.load(run).generate("The Congress", max_sentences=40, temperature=0.0)
     assert out == "The Congress" + want + "\n"
+
+
+def test_batch_standardisation_spreads_a_drifting_batch_over_codes():
+    from sentcode.nn.rvq import ResidualVQ
+
+    torch.manual_seed(0)
+    first = torch.randn(256, 8) * 0.01 + 5.0
+    for norm in ("running", "batch"):
+        vq = ResidualVQ(8, 1, 16, normalize=norm).train()
+        vq(first)  # statistics and codebook from the first batch
+        drifted = torch.randn(256, 8) * 0.01 + 5.5  # the mean moved 50 spreads away; the spread stayed
+        _, codes, _ = vq(drifted)
+        used = len(codes.unique())
+        assert (used == 1) if norm == "running" else (used > 4), (norm, used)
+        assert vq.mean.dtype == torch.float32 and vq.mean[0] > 5.0  # running statistics follow in both modes

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NORMALIZE_MODES = (None, "standard", "running")
+NORMALIZE_MODES = (None, "standard", "running", "batch")
 INIT_MODES = ("kmeans++", "random")
 
 
@@ -123,6 +123,9 @@ class ResidualVQ(nn.Module):
     the data (an EMA with the codebooks' decay, updated by every training batch): for inputs produced by a
     network trained in the same run, whose shared part can dwarf what tells them apart (measured: the spread
     of pooled segment encodings around their mean was 0.7% of the mean's norm, and every input took one code).
+    ``normalize="batch"`` standardises each training batch by its own statistics (as batch normalisation does)
+    and keeps the running ones for inference: a mean that drifts faster than the EMA follows cannot push every
+    training input onto one code.
     """
 
     def __init__(
@@ -227,9 +230,13 @@ class ResidualVQ(nn.Module):
             if self.training and self.normalize is not None and flat.shape[0]:
                 if not bool(self.norm_ready):
                     self._set_norm_stats(flat.detach())
-                elif self.normalize == "running":
+                elif self.normalize in ("running", "batch"):
                     self._follow_norm_stats(flat.detach())
-            z = self._to_z(flat)
+            if self.training and self.normalize == "batch" and flat.shape[0] > 1:
+                mean = flat.detach().mean(0)
+                z = (flat - mean) / (flat.detach() - mean).pow(2).mean().sqrt().clamp_min(1e-12)
+            else:
+                z = self._to_z(flat)
             with torch.no_grad():
                 codes, residuals = self._quantize(z.detach(), init_from_batch=self.training and flat.shape[0] > 0)
                 s = self._sum_z(codes)
