@@ -41,7 +41,8 @@ def train_one(work: Path, name: str, corpus: str, minutes: float, precision: str
     preset, sets = MODELS[name]
     if name == "flat":
         return train_flat(work, corpus, minutes, precision, [])
-    from sentcode.train.steplm import train_hier, train_steplm
+    from sentcode.train.hier import train_hier
+    from sentcode.train.steplm import train_steplm
 
     train = train_steplm if name.startswith("steplm") else train_hier
     train(corpus, work / name, preset=preset, progress="plain", evaluate_test=False,

@@ -180,7 +180,7 @@ def test_a_segment_written_from_its_own_bytes_sees_no_earlier_byte():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from sentcode.train.steplm import train_hier
+    from sentcode.train.hier import train_hier
 
     out = tmp_path_factory.mktemp("hier") / "run"
     s = train_hier("sample", out, overrides=MICRO, progress=False)
@@ -396,7 +396,7 @@ def test_level1_codes_become_level2_segments_within_documents():
 
 @pytest.fixture(scope="module")
 def run2(tmp_path_factory):
-    from sentcode.train.steplm import train_hier
+    from sentcode.train.hier import train_hier
 
     out = tmp_path_factory.mktemp("hier2") / "run"
     s = train_hier("sample", out, overrides=MICRO + UPPER, progress=False)

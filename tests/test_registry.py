@@ -31,6 +31,7 @@ RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 ALLOWED_UP = {
     ("train/lm.py", "eval"): "periodic validation during training uses the bits-per-byte pass",
     ("train/steplm.py", "eval"): "periodic validation and the final test pass use the segment scoring pass",
+    ("train/hier.py", "eval"): "the final test pass scores the autoencoder through both levels",
 }
 
 

@@ -50,7 +50,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            evaluate="sentcode.eval.steplm:evaluate_steplm_run", format="sentcode.eval.steplm:format_steplm_result",
            command="sentcode pipeline sentence --corpus CORPUS --preset {preset} --out RUN"),
     Family("hier", "hierarchical byte autoencoder", "segments",
-           load="sentcode.infer.hier:load_hier", train="sentcode.train.steplm:train_hier",
+           load="sentcode.infer.hier:load_hier", train="sentcode.train.hier:train_hier",
            evaluate="sentcode.eval.hier:evaluate_hier_run", format="sentcode.eval.hier:format_hier_result",
            command="sentcode pipeline hier --corpus CORPUS --preset {preset} --out RUN"),
     Family("sentence", "sentence-step LM (staged)", "sentences",

@@ -121,42 +121,13 @@ def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny"
                                                                        autoencoder=cfg.family != FAMILY),
                                WEIGHTS, resume=resume_path, device=device, progress=progress,
                                stop_at=stop_at)
-    if summary["status"] != "completed":
-        return summary
-    from sentcode.runs.weights import load_weights
-
-    model = load_weights(StepLM(cfg.model), run_dir, WEIGHTS)  # what `sentcode.load` will read
-    upper = None
-    if cfg.family != FAMILY and cfg.data.upper_stride:
-        from sentcode.models.hier import UPPER_DIR
-        from sentcode.train.hier import train_upper
-
-        up = train_upper(run_dir, cfg, model, resume, device, progress, stop_at)
-        summary["upper"] = {"status": up["status"], "step": up["step"]}
-        if up["status"] != "completed":
-            summary["status"] = up["status"]
-            return summary
-        upper = load_weights(StepLM(cfg.upper_model()), run_dir / UPPER_DIR, WEIGHTS)
-    if evaluate_test:
+    if summary["status"] == "completed" and evaluate_test:
         from sentcode.eval.steplm import evaluate_segments
+        from sentcode.runs.weights import load_weights
 
+        model = load_weights(StepLM(cfg.model), run_dir, WEIGHTS)  # what `sentcode.load` will read
         test = SegmentSplit.load(run_dir / "data" / "test.npz")
-        if cfg.family == FAMILY:
-            scores = evaluate_segments(model, test, "cpu")
-        else:
-            from sentcode.eval.hier import evaluate_levels
-
-            scores = evaluate_levels(model, upper, test, "cpu")
-        result = {"family": cfg.family, "source": f"test split of {corpus}", **scores}
+        result = {"family": cfg.family, "source": f"test split of {corpus}", **evaluate_segments(model, test, "cpu")}
         write_json(run_dir / "eval.json", result)
         summary["eval"] = result
     return summary
-
-
-
-def train_hier(corpus: str, run_dir: str | Path, preset: str = "hier-tiny", overrides: list[str] | None = None,
-               **kwargs) -> dict:
-    """Train (or resume) a hierarchical byte autoencoder (``models.hier``): the same core and loop."""
-    from sentcode.models.hier import HierConfig
-
-    return train_steplm(corpus, run_dir, preset, overrides, cls=HierConfig, **kwargs)
