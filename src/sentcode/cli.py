@@ -259,11 +259,8 @@ def _dispatch_sentence(args) -> int:
     if args.command == "pipeline":
         corpus = args.corpus if len(args.corpus) > 1 else args.corpus[0]
         fam = family(_preset_family(args.preset), where=f"preset {args.preset!r}")
-        wanted = "hier" if args.pipeline_command == "hier" else None
-        if wanted and fam.name != wanted or not wanted and fam.name == "hier":
-            raise SentcodeError(f"preset {args.preset!r} is a {fam.label} config; train it with "
-                                f"`{fam.command.format(preset=args.preset)}`")
-        if not fam.steps_by_sentence:
+        # `pipeline hier` takes autoencoder presets only, `pipeline sentence` the sentence-step ones
+        if (args.pipeline_command == "hier") != (fam.name == "hier") or not fam.steps_by_sentence:
             raise SentcodeError(f"preset {args.preset!r} is a {fam.label} config; train it with "
                                 f"`{fam.command.format(preset=args.preset)}`")
         if not fam.staged:

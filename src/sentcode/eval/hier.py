@@ -90,14 +90,14 @@ def evaluate_hier(model, split: SegmentSplit, device, max_bytes: int | None = No
     return {**result, **figures.result(split)}
 
 
-def evaluate_levels(model, upper, split: SegmentSplit, device, level1: dict | None = None) -> dict:
-    """Level 1's figures (``level1``, or scored here) and, with a second level (``upper``), the two-level code
+def evaluate_levels(model, upper, split: SegmentSplit, device) -> dict:
+    """Level 1's figures and, with a second level (``upper``), the two-level code
     length: the top code LM's bits for the level-2 codes + level 2's expander bits for the level-1 codes + level
     1's expander bits for the bytes given them (each part charged, segment ends included). The model's bits per
     byte is the better of the one- and two-level codes."""
     from sentcode.models.hier import code_split, level1_codes
 
-    r = dict(level1 or evaluate_hier(model, split, device))
+    r = evaluate_hier(model, split, device)
     if upper is None:
         return r
     stride = upper.cfg.max_segment_bytes
@@ -141,19 +141,13 @@ def format_hier_result(r: dict) -> str:
 
 def evaluate_hier_run(gen, text_file=None, split: str = "test") -> dict:
     """``sentcode eval`` of a loaded autoencoder run: bits per byte and the autoencoder's figures."""
-    import json
-
     from sentcode.eval.run import read_text_file
-    from sentcode.models.sentence.steplm import WEIGHTS
+    from sentcode.eval.steplm import cached_test_result
 
     if text_file is not None:
-        data = gen.split_arrays(read_text_file(text_file))
-        source = str(text_file)
+        data, source = gen.split_arrays(read_text_file(text_file)), str(text_file)
     else:
-        cached, weights = gen.run_dir / "eval.json", gen.run_dir / WEIGHTS
-        if split == "test" and cached.is_file() and weights.is_file() \
-                and cached.stat().st_mtime >= weights.stat().st_mtime:
-            return json.loads(cached.read_text())
-        data = SegmentSplit.load(gen.run_dir / "data" / f"{split}.npz")
-        source = f"{split} split"
+        if (cached := cached_test_result(gen, split)) is not None:
+            return cached
+        data, source = SegmentSplit.load(gen.run_dir / "data" / f"{split}.npz"), f"{split} split"
     return {"family": "hier", "source": source, **evaluate_levels(gen.model, gen.upper_model, data, gen.device)}

@@ -100,19 +100,26 @@ def format_steplm_result(r: dict) -> str:
 
 
 
-def evaluate_steplm_run(gen, text_file=None, split: str = "test") -> dict:
-    """``sentcode eval`` of a loaded end-to-end run: a text file, or a split of the run's own segments (the test
-    split's figures written at the end of training are reused while they are newer than the weights)."""
+def cached_test_result(gen, split: str) -> dict | None:
+    """The test split's figures written at the end of training, while they are newer than the weights."""
     import json
 
-    from sentcode.eval.run import read_text_file
-
-    if text_file is not None:
-        return {"family": "steplm", "source": str(text_file), **gen.score_details(read_text_file(text_file))}
     from sentcode.models.sentence.steplm import WEIGHTS
 
     cached, weights = gen.run_dir / "eval.json", gen.run_dir / WEIGHTS
     if split == "test" and cached.is_file() and weights.is_file() and cached.stat().st_mtime >= weights.stat().st_mtime:
         return json.loads(cached.read_text())
+    return None
+
+
+def evaluate_steplm_run(gen, text_file=None, split: str = "test") -> dict:
+    """``sentcode eval`` of a loaded end-to-end run: a text file, or a split of the run's own segments (the test
+    split's figures written at the end of training are reused while they are newer than the weights)."""
+    from sentcode.eval.run import read_text_file
+
+    if text_file is not None:
+        return {"family": "steplm", "source": str(text_file), **gen.score_details(read_text_file(text_file))}
+    if (cached := cached_test_result(gen, split)) is not None:
+        return cached
     data = SegmentSplit.load(gen.run_dir / "data" / f"{split}.npz")
     return {"family": "steplm", "source": f"{split} split", **evaluate_segments(gen.model, data, gen.device)}

@@ -122,7 +122,8 @@ class ResidualVQ(nn.Module):
     returns vectors in the original space. ``normalize="running"`` does the same with statistics that follow
     the data (an EMA with the codebooks' decay, updated by every training batch): for inputs produced by a
     network trained in the same run, whose shared part can dwarf what tells them apart (measured: the spread
-    of pooled segment encodings around their mean was 0.7% of the mean's norm, and every input took one code).
+    of the projected, pooled segment encodings around their mean was 0.7% of the mean's norm, and every
+    input took one code).
     ``normalize="batch"`` standardises each training batch by its own statistics (as batch normalisation does)
     and keeps the running ones for inference: a mean that drifts faster than the EMA follows cannot push every
     training input onto one code.

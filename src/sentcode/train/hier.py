@@ -10,8 +10,7 @@ from pathlib import Path
 from sentcode.data.segments import SegmentSplit
 from sentcode.models.hier import UPPER_DIR, HierConfig, code_split, level1_codes
 from sentcode.models.sentence.steplm import WEIGHTS, StepLM
-
-SPLITS = ("train", "val", "test")
+from sentcode.train.steplm import SPLITS, build_steplm_task, load_steplm_config, train_steplm
 
 
 def prepare_upper(run_dir: Path, cfg: HierConfig, model: StepLM) -> None:
@@ -28,7 +27,6 @@ def train_upper(run_dir: Path, cfg: HierConfig, model: StepLM, resume: str | Non
     """Train the second level on level 1's codes (``model``: the trained level 1)."""
     from sentcode.runs import checkpoint as ckpt_io
     from sentcode.train.runs import train_and_export
-    from sentcode.train.steplm import build_steplm_task
 
     upper_dir = run_dir / UPPER_DIR
     ucfg = cfg.upper_config()
@@ -51,7 +49,6 @@ def train_hier(corpus: str, run_dir: str | Path, preset: str = "hier-tiny", over
     from sentcode.eval.hier import evaluate_levels
     from sentcode.io import write_json
     from sentcode.runs.weights import load_weights
-    from sentcode.train.steplm import load_steplm_config, train_steplm
 
     run_dir = Path(run_dir)
     summary = train_steplm(corpus, run_dir, preset, overrides, resume=resume, device=device, progress=progress,
