@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="sentence run: print each sentence as soon as it is chosen")
     gen.add_argument("--renderer", choices=["ar", "nar"], default=None,
                      help="sentence run: the renderer that writes (default ar; nar needs the renderer-nar stage)")
+    _add_backend(gen)
 
     chat = sub.add_parser("chat", help="talk with a trained run in the terminal (streaming REPL)",
                           description="Each line you enter joins the conversation and the model continues it, "
@@ -182,6 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max", type=int, default=None, metavar="N",
                       help="longest reply: bytes for a flat LM (default 200), sentences for a sentence run (default 3)")
     _add_sampling(chat)
+    _add_backend(chat)
+
+    exp = sub.add_parser("export", help="export a flat LM run to ONNX (optionally int8), checked first (extra 'onnx')",
+                         description="Write RUN_DIR's model as an ONNX graph that ONNX Runtime runs, with its config "
+                         "and tokenizer beside it. Before anything is written the graph is checked against the "
+                         "PyTorch model on held-out text: logits within a tolerance and identical greedy "
+                         "continuations (fp32), bits per byte within --max-bpb-cost of the PyTorch model's (int8). "
+                         "`sentcode generate|chat|serve DIR` and `sentcode.load(DIR)` run the result. Needs pip "
+                         "install 'sentcode[onnx]'.")
+    exp.add_argument("run_dir", metavar="RUN_DIR", help="a trained flat LM run")
+    exp.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
+    exp.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 matrices for the CPU")
+    exp.add_argument("--max-bpb-cost", type=float, default=0.01, metavar="F",
+                     help="int8: largest relative bits-per-byte increase accepted (default 0.01)")
+    exp.add_argument("--out", required=True, metavar="DIR", help="new (or empty) directory to write")
 
     # prefix_chars="+": every "-" option after `lm-eval` belongs to lm-eval, so argparse passes it through.
     lme = sub.add_parser("lm-eval", prefix_chars="+", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -239,7 +255,14 @@ runs, when sampling). Needs pip install 'sentcode[lmeval]'.""")
                      help="largest request body; larger get 413 (default 1048576)")
     srv.add_argument("--threads", type=int, default=None, metavar="N",
                      help="torch CPU threads for the model (default: torch's choice)")
+    _add_backend(srv)
     return parser
+
+
+def _add_backend(p) -> None:
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="flat LM: onnx runs it with ONNX Runtime, exported and checked into RUN_DIR/onnx on first "
+                        "use (extra 'onnx'; several times faster at batch 1 on a CPU); default torch")
 
 
 _SENTENCE_COMMANDS = ("pipeline", "sentences", "encoder", "embed", "rvq", "hier")
@@ -395,7 +418,7 @@ def _dispatch(args) -> int:
     if args.command == "generate":
         import sentcode
 
-        g = sentcode.load(args.run_dir, renderer=args.renderer)
+        g = sentcode.load(args.run_dir, renderer=args.renderer, backend=args.backend)
         if family_of(g).steps_by_sentence:
             return _generate_sentence(g, args)
         if args.max_sentences is not None or args.rerank is not None or args.no_rerank or args.stream:
@@ -413,7 +436,19 @@ def _dispatch(args) -> int:
         from sentcode.serve.chat import run_chat
 
         return run_chat(args.run_dir, temperature=args.temperature, max_len=args.max, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed)
+                        top_p=args.top_p, seed=args.seed, backend=args.backend)
+    if args.command == "export":
+        from sentcode.infer.export import export_run
+
+        info = export_run(args.run_dir, args.out, fmt=args.format, quantize=args.quantize,
+                          max_bpb_cost=args.max_bpb_cost)
+        speed = info["tokens_per_s_batch1"]
+        print(f"wrote {args.out} ({args.format}{', int8 weights' if args.quantize else ''}); checked on "
+              f"{info['check_tokens']:,} tokens of the {info['check_source']}: largest logit difference "
+              f"{info['max_logit_diff']:.2e}, greedy continuations identical {info['greedy_identical']}, bits per byte "
+              f"{info['bpb_onnx']:.4f} against {info['bpb_torch']:.4f} ({info['bpb_cost']:+.2%}); batch-1 decoding "
+              f"{speed['onnx']:,.0f} tokens/s against {speed['torch']:,.0f} ({speed['onnx'] / speed['torch']:.1f} x)")
+        return 0
     if args.command == "lm-eval":
         if not args.lm_eval_args or args.lm_eval_args[0] in ("-h", "--help"):
             args.print_help()
@@ -440,7 +475,8 @@ def _dispatch(args) -> int:
         run_server(args.run_dir, ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
                                              max_body_bytes=args.max_body_bytes, max_prompt_bytes=args.max_prompt_bytes,
                                              max_tokens=args.max_tokens, max_batch=args.max_batch,
-                                             max_queue=args.max_queue, threads=args.threads))
+                                             max_queue=args.max_queue, threads=args.threads,
+                                             backend=args.backend))
         return 0
     raise AssertionError(args.command)
 

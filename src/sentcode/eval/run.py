@@ -11,6 +11,7 @@ import numpy as np
 from sentcode.data import DataDir
 from sentcode.errors import DataError, SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
+from sentcode.nn.device import model_device
 from sentcode.registry import family, family_of
 
 
@@ -55,7 +56,7 @@ def evaluate_flat(gen, text_file: str | Path | None = None, split: str = "test",
             raise SentcodeError(f"the run's data directory ({data_dir}) is not available; pass --text-file FILE")
         tokens = DataDir(data_dir).tokens(split)
         source = f"{split} split of {data_dir}"
-    result = evaluate_bpb(gen.model, tokens, tok, gen.context, device=next(gen.model.parameters()).device,
+    result = evaluate_bpb(gen.model, tokens, tok, gen.context, device=model_device(gen.model),
                           max_tokens=max_tokens)
     return {"family": gen.family, "source": source, "tokenizer": tok.kind, **result}
 

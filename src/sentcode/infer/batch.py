@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sentcode.errors import SentcodeError
+from sentcode.nn.device import model_device
 from sentcode.nn.sampling import check_sampling, make_generator, sample_next
 
 # Rebuild the whole batch's cache when the shared position passes this many contexts (see the module doc).
@@ -78,7 +79,7 @@ class BatchDecoder:
             raise SentcodeError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
         self.ctx = model.cfg.max_seq_len
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.max_batch = 1 if getattr(model.cfg, "ffn", "swiglu") == "dual" else max_batch
         self.rows: list[_Row] = []  # batch order: row i is index i of the cache
         self.waiting: list[_Row] = []  # added or moved, to be prefilled at the next step

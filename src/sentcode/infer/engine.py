@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from sentcode.nn.device import model_device
 from sentcode.nn.sampling import make_generator, sample_next
 
 
@@ -28,7 +29,7 @@ def generate_ids(
     use_cache: bool = True,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` new token ids (a stop id is yielded, then generation ends)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     ctx = model.cfg.max_seq_len
     ids = list(prompt_ids)
     gen = make_generator(seed, device)

@@ -178,7 +178,7 @@ class Chat:
 
 
 def run_chat(run_dir, temperature: float = 0.8, max_len: int | None = None, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None) -> int:
+             top_p: float | None = None, seed: int | None = None, backend: str = "torch") -> int:
     """Load a run and chat with it on the terminal; returns the exit status."""
     import sentcode
     from sentcode.nn.sampling import check_sampling
@@ -192,7 +192,7 @@ def run_chat(run_dir, temperature: float = 0.8, max_len: int | None = None, top_
         import readline  # noqa: F401  line editing and input history for input(), where the platform has it
     except ImportError:
         pass
-    gen = sentcode.load(run_dir)
+    gen = sentcode.load(run_dir, backend=backend)
     chat = Chat(gen, temperature=temperature, max_len=max_len, top_k=top_k, top_p=top_p, seed=seed)
     if chat.sentence:
         kind = f"sentence-step LM, {gen.planner.cfg.max_steps - 1} sentences of history"

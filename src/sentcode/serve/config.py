@@ -19,6 +19,7 @@ class ServeConfig:
     max_batch: int = 8  # flat LM rows decoded together; a sentence run serves one request at a time
     max_queue: int = 32  # requests admitted beyond those being served; more get 429
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    backend: str = "torch"  # "onnx": a flat LM run by ONNX Runtime (see ``sentcode.load``)
 
     def check(self) -> None:
         from sentcode.errors import SentcodeError

@@ -66,7 +66,7 @@ def _prepare(gen_or_run_dir, cfg: ServeConfig):
     if isinstance(gen_or_run_dir, (str, Path)):
         import sentcode
 
-        gen = sentcode.load(gen_or_run_dir)
+        gen = sentcode.load(gen_or_run_dir, backend=cfg.backend)
     else:
         gen = gen_or_run_dir
     from sentcode.serve.app import build_app

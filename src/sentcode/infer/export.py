@@ -1,0 +1,210 @@
+"""``sentcode export``: a flat LM run as an ONNX graph (optionally with int8 weights), checked before it is written.
+
+The exported directory describes itself: ``model.onnx``, the run's ``config.yaml``, ``run.json`` and
+``tokenizer/``, and ``export.json`` with the check's figures. ``sentcode.load(DIR)`` runs it with ONNX Runtime.
+
+The check runs the graph beside the PyTorch model on held-out text (the run's test split when its data
+directory is at hand, else the bundled sample text): the largest logit difference over one context window,
+greedy continuations of a set of prompts, and bits per byte of both. fp32 must match (logits within a tolerance,
+every greedy continuation identical); int8 must keep bits per byte within ``max_bpb_cost`` of fp32 (its greedy
+continuations are reported, since rounding the weights may change a near tie). An export that fails its check
+is not written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sentcode.data import DataDir
+from sentcode.errors import SentcodeError
+from sentcode.eval.bpb import evaluate_bpb
+from sentcode.infer.engine import generate_ids
+from sentcode.infer.onnx_lm import ONNX_EXTRA, OnnxLM, import_onnxruntime
+from sentcode.io import atomic_dir, write_json
+from sentcode.models.lm_step import LMStep, check_exportable
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx",)
+QUANTIZE = ("int8",)
+LOGIT_TOL = 1e-3  # fp32: largest logit difference allowed, relative to the largest logit magnitude (at least 1)
+CHECK_TOKENS = 4096  # held-out tokens scored by both models
+GREEDY_PROMPTS = 6
+GREEDY_TOKENS = 48
+
+
+def _exporter():
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise SentcodeError(f"export needs the ONNX exporter: pip install 'sentcode[{ONNX_EXTRA}]'") from None
+    import_onnxruntime()
+
+
+def _held_out_tokens(gen) -> tuple[np.ndarray, str]:
+    data_dir = gen.run_info.get("data_dir")
+    if data_dir and Path(data_dir).is_dir():
+        try:
+            return DataDir(data_dir).tokens("test")[:CHECK_TOKENS], f"test split of {data_dir}"
+        except Exception:  # a data directory from another version: fall back to the sample text
+            pass
+    from sentcode.corpus.sources import load_documents
+
+    text = "\n\n".join(d.text for d in load_documents("sample")[-3:])
+    return np.array(gen.tokenizer.encode(text)[:CHECK_TOKENS], dtype=np.int64), "bundled sample text"
+
+
+def write_graph(model, path: Path) -> None:
+    """Trace ``LMStep`` of ``model`` into ``path`` (batch, query length and cache length left dynamic)."""
+    step = LMStep(model).eval()
+    cfg = model.cfg
+    hd = cfg.d_model // cfg.n_head
+    B, T, P = 2, 3, 4  # sizes above 1, so that the exporter does not specialise them
+    past = [torch.zeros(B, cfg.n_kv_head, P, hd) for _ in range(2 * cfg.n_layer)]
+    args = (torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, hd // 2), torch.zeros(B, T, hd // 2),
+            torch.ones(B, 1 if cfg.pos == "rope" else cfg.n_head, T, P + T,
+                       dtype=torch.bool if cfg.pos == "rope" else torch.float32), past)
+    Bd, Td, Pd, Kd = (torch.export.Dim(n) for n in ("batch", "query", "past", "keys"))
+    shapes = {"idx": {0: Bd, 1: Td}, "cos": {0: Bd, 1: Td}, "sin": {0: Bd, 1: Td}, "mask": {0: Bd, 2: Td, 3: Kd},
+              "past": [{0: Bd, 2: Pd}] * (2 * cfg.n_layer)}
+    names = [f"past_{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
+    outs = [f"present_{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(step, args, dynamic_shapes=shapes, dynamo=True, opset_version=23,
+                                    input_names=["idx", "cos", "sin", "mask", *names],
+                                    output_names=["logits", *outs], optimize=True, verbose=False)
+        program.save(str(path))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints its progress and warnings; the command prints its own."""
+    names = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir", "onnxruntime.quantization.matmul_nbits_quantizer")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, lvl in levels.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Weight-only int8 (blocks of 32, symmetric) for every matrix product, by ONNX Runtime's quantizer."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with _quiet():
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True, bits=8, accuracy_level=4)
+        q.process()
+        q.model.save_model_to_file(str(dst))
+
+
+def _decode_speed(model, prompt: list[int], n: int) -> float:
+    t = time.perf_counter()
+    got = sum(1 for _ in generate_ids(model, prompt, n, temperature=0.0))
+    return got / (time.perf_counter() - t)
+
+
+def check_export(torch_model, onnx_model, tokens: np.ndarray, tokenizer, quantized: bool,
+                 max_bpb_cost: float = 0.01) -> dict:
+    """The figures of the export's check and whether it passed (``ok``, ``failures``)."""
+    ctx = torch_model.cfg.max_seq_len
+    window = torch.from_numpy(np.concatenate([[tokenizer.eos_id], tokens[: ctx - 1]]))[None]
+    with torch.no_grad():
+        ref = torch_model(window)
+    got = onnx_model(window)
+    logit_diff = float((ref - got).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    bpb_torch = evaluate_bpb(torch_model, tokens, tokenizer, ctx)["bpb"]
+    bpb_onnx = evaluate_bpb(onnx_model, tokens, tokenizer, ctx)["bpb"]
+    starts = np.linspace(0, max(0, len(tokens) - 64), GREEDY_PROMPTS).astype(int)
+    same = 0
+    for s in starts:
+        prompt = [tokenizer.eos_id] + tokens[s: s + 32].tolist()
+        a = list(generate_ids(torch_model, prompt, GREEDY_TOKENS, temperature=0.0))
+        b = list(generate_ids(onnx_model, prompt, GREEDY_TOKENS, temperature=0.0))
+        same += a == b
+    prompt = [tokenizer.eos_id] + tokens[:16].tolist()
+    _decode_speed(onnx_model, prompt, 8)  # warm-up
+    speed = {"torch": _decode_speed(torch_model, prompt, 128), "onnx": _decode_speed(onnx_model, prompt, 128)}
+    cost = bpb_onnx / bpb_torch - 1
+    failures = []
+    if quantized:
+        if cost > max_bpb_cost:
+            failures.append(f"int8 costs {cost:.2%} bits per byte (limit {max_bpb_cost:.0%})")
+    else:
+        if logit_diff > LOGIT_TOL * scale:
+            failures.append(f"logits differ by {logit_diff:.2e} (tolerance {LOGIT_TOL * scale:.2e})")
+        if same < len(starts):
+            failures.append(f"{len(starts) - same} of {len(starts)} greedy continuations differ")
+    return {"ok": not failures, "failures": failures, "max_logit_diff": logit_diff, "bpb_torch": bpb_torch,
+            "bpb_onnx": bpb_onnx, "bpb_cost": cost, "greedy_identical": f"{same}/{len(starts)}",
+            "tokens_per_s_batch1": speed, "check_tokens": int(len(tokens))}
+
+
+def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize: str | None = None,
+               max_bpb_cost: float = 0.01) -> dict:
+    """Export, check, and write ``out`` (which must not exist or be empty); returns ``export.json``'s content."""
+    from sentcode.infer.generator import _read_run, load
+
+    run_dir, out = Path(run_dir), Path(out)
+    if fmt not in FORMATS:
+        raise SentcodeError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise SentcodeError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZE)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SentcodeError(f"{out} exists and is not an empty directory; choose another --out")
+    cfg_dict, _ = _read_run(run_dir)
+    if (run_dir / "export.json").is_file():
+        raise SentcodeError(f"{run_dir} is already an export; export its training run instead")
+    name = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
+    if name != "lm":
+        raise SentcodeError(f"export supports flat LM runs only yet; {run_dir} is a {name!r} run")
+    _exporter()
+    gen = load(run_dir)  # raises for a run with no trained weights
+    model = gen.model.float().eval()
+    check_exportable(model)
+    tokens, source = _held_out_tokens(gen)
+    if len(tokens) < 64:
+        raise SentcodeError("the held-out text for the export's check is shorter than 64 tokens")
+    with atomic_dir(out) as tmp:
+        graph = tmp / "model.onnx"
+        write_graph(model, graph)
+        if quantize == "int8":
+            fp32 = tmp / "fp32.onnx"
+            graph.rename(fp32)
+            quantize_int8(fp32, graph)
+            fp32.unlink()
+        report = check_export(model, OnnxLM(graph, model.cfg), tokens, gen.tokenizer, quantize is not None,
+                              max_bpb_cost)
+        if not report["ok"]:
+            raise SentcodeError(f"the export failed its check ({'; '.join(report['failures'])}); nothing was written")
+        for f in ("config.yaml", "run.json"):
+            shutil.copy2(run_dir / f, tmp / f)
+        shutil.copytree(run_dir / "tokenizer", tmp / "tokenizer")
+        info = {"format": fmt, "quantize": quantize, "source_run": str(run_dir.resolve()), "check_source": source,
+                "opset": 23, **report}
+        write_json(tmp / "export.json", info)
+    return info
+
+
+def read_export(path: Path) -> dict:
+    try:
+        return json.loads((path / "export.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SentcodeError(f"{path} has a corrupt export.json ({type(e).__name__})") from None

@@ -1,0 +1,100 @@
+"""An exported flat LM run by ONNX Runtime, behind the same call as ``LM``: ``model(idx, cache, start_pos,
+pad_mask) -> logits``, ``new_cache()``, ``cfg``.
+
+So every token loop written for ``LM`` (``engine.generate_ids``, the server's ``BatchDecoder``, bits-per-byte
+scoring) runs on it unchanged, and chooses the same tokens from the same logits (the sampler is shared). The
+cache stays a list of ``LayerCache`` holding torch tensors that share memory with ONNX Runtime's outputs; the
+rotary tables and the attention mask are built here, per call, by the rules the PyTorch model uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sentcode.errors import SentcodeError
+from sentcode.models.lm_step import attention_mask
+from sentcode.nn.attention import LayerCache
+from sentcode.nn.layers import alibi_slopes, rope_cos_sin
+
+ONNX_EXTRA = "onnx"
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SentcodeError(
+            f"the onnx backend needs ONNX Runtime: pip install 'sentcode[{ONNX_EXTRA}]'") from None
+    return onnxruntime
+
+
+def ort_session(path: Path, threads: int | None = None):
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are not the user's concern
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for unreadable or invalid graphs
+        raise SentcodeError(f"cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+class OnnxLM:
+    """A flat LM graph from ``LMStep`` in an ONNX Runtime session (CPU)."""
+
+    device = torch.device("cpu")
+    training = False
+
+    def __init__(self, path: Path, cfg, threads: int | None = None):
+        self.cfg = cfg
+        self.session = ort_session(path, threads)
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.slopes = alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None
+        # Rotary tables for the positions a token loop uses (0 .. 2 contexts), computed once by the model's rule.
+        cos, sin = rope_cos_sin(torch.arange(2 * cfg.max_seq_len), self.head_dim, cfg.rope_theta)
+        self.tables = cos.numpy(), sin.numpy()
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def new_cache(self) -> list[LayerCache]:
+        return [LayerCache() for _ in range(self.cfg.n_layer)]
+
+    def __call__(self, idx: torch.Tensor, cache: list[LayerCache] | None = None, start_pos: int = 0,
+                 pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = idx.shape
+        P = cache[0].length if cache else 0
+        positions = torch.arange(start_pos, start_pos + T)
+        feeds = {"idx": idx.numpy()}
+        if "cos" in self.inputs:
+            if 0 <= start_pos and start_pos + T <= len(self.tables[0]):
+                cos, sin = (t[start_pos:start_pos + T] for t in self.tables)
+            else:
+                cos, sin = (t.numpy() for t in rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta))
+            feeds["cos"] = np.ascontiguousarray(np.broadcast_to(cos, (B, T, cos.shape[-1])))
+            feeds["sin"] = np.ascontiguousarray(np.broadcast_to(sin, (B, T, sin.shape[-1])))
+        if T == 1 and pad_mask is None and self.slopes is None and (self.cfg.attn_window or P + 1) >= P + 1:
+            feeds["mask"] = np.ones((B, 1, 1, P + 1), dtype=bool)  # one query sees every cached key
+        else:
+            feeds["mask"] = np.ascontiguousarray(attention_mask(self.cfg, B, positions, P + T, pad_mask,
+                                                                self.slopes).numpy())
+        empty = np.zeros((B, self.cfg.n_kv_head, 0, self.head_dim), np.float32)
+        for i in range(self.cfg.n_layer):
+            c = cache[i] if cache else None
+            has = c is not None and c.k is not None
+            feeds[f"past_key_{i}"] = np.ascontiguousarray(c.k.numpy()) if has else empty
+            feeds[f"past_value_{i}"] = np.ascontiguousarray(c.v.numpy()) if has else empty
+        out = self.session.run(None, feeds)
+        if cache is not None:
+            for i, c in enumerate(cache):
+                c.k, c.v = torch.from_numpy(out[1 + 2 * i]), torch.from_numpy(out[2 + 2 * i])
+        return torch.from_numpy(out[0])
