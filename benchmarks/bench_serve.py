@@ -38,11 +38,16 @@ class Server:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "sentcode.cli", "serve", run_dir, "--port", "0", "--threads", str(threads), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        line = self.proc.stdout.readline()
-        m = re.search(r"http://([\d.]+):(\d+)", line)
+        seen = ""
+        while True:  # notices (an ONNX export on first use) may come before the address line
+            line = self.proc.stdout.readline()
+            seen += line
+            m = re.search(r"http://([\d.]+):(\d+)", line)
+            if m or not line:
+                break
         if not m:
             self.proc.kill()
-            raise SystemExit(f"server did not start: {line}{self.proc.stdout.read()}")
+            raise SystemExit(f"server did not start: {seen}{self.proc.stdout.read()}")
         self.host, self.port = m.group(1), int(m.group(2))
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain the access log
 
@@ -108,6 +113,9 @@ def main() -> None:
     ap.add_argument("--sentence-rounds", type=int, default=8,
                     help="sentence run: requests per level, at least one per client")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the server (default 2)")
+    ap.add_argument("--backends", nargs="+", choices=["torch", "onnx"], default=["torch"],
+                    help="flat LM: backends to measure, side by side (onnx exports into RUN_DIR/onnx on first use)")
+    ap.add_argument("--name", default="serve", help="result file name (default serve)")
     args = ap.parse_args()
 
     load_before = os.getloadavg()
@@ -117,13 +125,13 @@ def main() -> None:
     def flat_body(i):
         return {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.8, "seed": i}
 
-    for mb in args.max_batch:
-        server = Server(args.lm, ["--max-batch", str(mb), "--max-queue", "64"], args.threads)
+    for mb, backend in ((mb, b) for mb in args.max_batch for b in args.backends):
+        server = Server(args.lm, ["--max-batch", str(mb), "--max-queue", "64", "--backend", backend], args.threads)
         try:
             server.post("/v1/completions", flat_body(0))
             for c in args.clients:
                 per = max(1, -(-max(args.rounds, 2 * c) // c))
-                row = {"max_batch": mb, **load_level(server, "/v1/completions", flat_body, c, per)}
+                row = {"max_batch": mb, "backend": backend, **load_level(server, "/v1/completions", flat_body, c, per)}
                 print(json.dumps(row), flush=True)
                 out["flat"].append(row)
         finally:
@@ -148,7 +156,7 @@ def main() -> None:
     out["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     out["command"] = "python benchmarks/bench_serve.py " + " ".join(
         a if not os.path.isabs(a) else "RUN_DIR" for a in sys.argv[1:])
-    print(f"wrote {save('serve', out)}")
+    print(f"wrote {save(args.name, out)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""Decode speed of one trained flat LM on every backend, side by side in one process, and what each costs in bpb.
+
+    python benchmarks/decode_backends.py --run RUN_DIR [--bytes 256] [--repeats 3] [--threads 2] [--name NAME]
+
+Backends: ``torch`` (today's engine: ``LM`` with its KV cache), ``onnx`` (the checked fp32 export) and
+``onnx-int8`` (weight-only int8). The exports are written under benchmarks/work/ by ``export_run`` (so each
+passed its check). Batch 1: ``generate_ids`` writing --bytes tokens at temperature 0.8 from a short prompt;
+batch 8: ``generate_batch`` with 8 such requests (the server's continuous-batching loop). Backends take turns
+within each repetition (A B C A B C ...) so that a noisy machine slows them alike; the median is reported.
+Bits per byte: the first --bpb-tokens tokens of the run's test split, scored by each backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save  # noqa: E402
+
+import sentcode  # noqa: E402
+from sentcode.data import DataDir  # noqa: E402
+from sentcode.eval.bpb import evaluate_bpb  # noqa: E402
+from sentcode.infer.batch import BatchRequest, generate_batch  # noqa: E402
+from sentcode.infer.engine import generate_ids  # noqa: E402
+from sentcode.infer.export import export_run  # noqa: E402
+
+WORK = Path(__file__).parent / "work" / "decode_backends"
+
+
+def _batch1(model, prompt, n, seed):
+    t = time.perf_counter()
+    got = sum(1 for _ in generate_ids(model, prompt, n, temperature=0.8, seed=seed))
+    assert got == n
+    return n / (time.perf_counter() - t)
+
+
+def _batch8(model, prompt, n, seed):
+    reqs = [BatchRequest(prompt, n, temperature=0.8, seed=seed + i) for i in range(8)]
+    t = time.perf_counter()
+    out = generate_batch(model, reqs, max_batch=8)
+    return sum(len(o) for o in out) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a trained flat LM run directory")
+    ap.add_argument("--bytes", type=int, default=256, help="tokens generated per request (default 256)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bpb-tokens", type=int, default=65536)
+    ap.add_argument("--name", default="decode_backends")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shutil.rmtree(WORK, ignore_errors=True)
+    models = {"torch": sentcode.load(args.run)}
+    reports = {}
+    for name, q in (("onnx", None), ("onnx-int8", "int8")):
+        reports[name] = export_run(args.run, WORK / name, quantize=q)
+        models[name] = sentcode.load(WORK / name)
+    tok = models["torch"].tokenizer
+    prompt = [tok.eos_id] + tok.encode("The state of the Union is strong. We have")
+    speed = {name: {"batch1": [], "batch8": []} for name in models}
+    for name, g in models.items():  # warm-up
+        _batch1(g.model, prompt, 16, 0)
+    for r in range(args.repeats):
+        for name, g in models.items():
+            speed[name]["batch1"].append(_batch1(g.model, prompt, args.bytes, r))
+        for name, g in models.items():
+            speed[name]["batch8"].append(_batch8(g.model, prompt, args.bytes, r))
+    data_dir = models["torch"].run_info.get("data_dir")
+    tokens = DataDir(data_dir).tokens("test")[: args.bpb_tokens]
+    rows = []
+    for name, g in models.items():
+        bpb = evaluate_bpb(g.model, np.asarray(tokens), tok, g.context)["bpb"]
+        row = {"backend": name, "bpb": bpb, "bytes_s_batch1": statistics.median(speed[name]["batch1"]),
+               "bytes_s_batch8": statistics.median(speed[name]["batch8"]), "runs": speed[name]}
+        rows.append(row)
+    base = rows[0]
+    print(f"{'backend':<10} {'bpb':>7} {'B/s b1':>8} {'x':>5} {'B/s b8':>8} {'x':>5}")
+    for row in rows:
+        row["x_batch1"] = row["bytes_s_batch1"] / base["bytes_s_batch1"]
+        row["x_batch8"] = row["bytes_s_batch8"] / base["bytes_s_batch8"]
+        print(f"{row['backend']:<10} {row['bpb']:7.4f} {row['bytes_s_batch1']:8.0f} {row['x_batch1']:5.2f} "
+              f"{row['bytes_s_batch8']:8.0f} {row['x_batch8']:5.2f}")
+    out = save(args.name, {"run": args.run, "threads": args.threads, "bytes": args.bytes, "repeats": args.repeats,
+                           "bpb_tokens": int(len(tokens)), "rows": rows, "exports": reports})
+    print(f"machine: {machine()}\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
