@@ -319,3 +319,53 @@ def test_tensorboard_logging_writes_events(bytes_data, tmp_path):
     logged = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 3
     assert losses == pytest.approx(logged, rel=1e-6)
+
+
+def test_auto_precision_is_measured_cached_and_explained(tmp_path, monkeypatch):
+    """A CPU flag is not a measurement: auto picks the precision whose training step is faster, once per shape."""
+    from sentcode.train import precision as prec
+
+    monkeypatch.setenv("SENTCODE_CACHE", str(tmp_path))
+    monkeypatch.setattr(prec, "cpu_has_fast_bf16", lambda: True)
+    calls = []
+
+    def timer(speeds):
+        def step(p):
+            calls.append(p)
+            return speeds[p]
+        return step
+
+    choice, line = prec.choose_cpu_precision(timer({"fp32": 0.010, "bf16": 0.020}), "shape A")
+    assert choice == "fp32" and "10 ms in fp32 and 20 ms in bf16" in line and "measured now" in line
+    assert calls.count("fp32") == calls.count("bf16") == 4  # a warm-up and three timed steps each, in turn
+    calls.clear()
+    choice, line = prec.choose_cpu_precision(timer({"fp32": 0.010, "bf16": 0.001}), "shape A")
+    assert choice == "fp32" and "cached from" in line and calls == []  # the first answer is kept
+    choice, _ = prec.choose_cpu_precision(timer({"fp32": 0.030, "bf16": 0.010}), "shape B")
+    assert choice == "bf16"
+    monkeypatch.setattr(prec, "cpu_has_fast_bf16", lambda: False)
+    calls.clear()
+    choice, line = prec.choose_cpu_precision(timer({"fp32": 1.0, "bf16": 0.1}), "shape C")
+    assert choice == "fp32" and "no bf16 units" in line and calls == []
+    assert prec.resolve_precision("auto", torch.device("cpu")) == prec.MEASURE
+    assert prec.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_auto_precision_probe_leaves_the_run_unchanged(bytes_data, tmp_path, monkeypatch):
+    """The timing steps run on a copy, with the loader and the random state put back: a run whose auto
+    precision resolves to fp32 trains exactly like one told fp32."""
+    from sentcode.train import loop
+
+    probed = []
+
+    def choose(step_seconds, shape_key):
+        probed.append(step_seconds("fp32") + step_seconds("bf16"))  # the real probe, twice
+        return "fp32", "precision auto: fp32 (test)"
+
+    monkeypatch.setattr(loop, "choose_cpu_precision", choose)
+    a = train_lm(bytes_data, tmp_path / "a", overrides=TINY + ["train.precision=auto"], max_steps=4, progress=False)
+    b = train_lm(bytes_data, tmp_path / "b", overrides=TINY + ["train.precision=fp32"], max_steps=4, progress=False)
+    assert len(probed) == 1 and a["precision"] == b["precision"] == "fp32"
+    assert a["precision_note"] == "precision auto: fp32 (test)" and b["precision_note"] is None
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))

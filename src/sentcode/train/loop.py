@@ -7,6 +7,8 @@ checkpoints and resume, signals, progress and metrics.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
 import signal
@@ -26,7 +28,7 @@ from sentcode.errors import CheckpointError, ConfigError
 from sentcode.io import write_text
 from sentcode.runs import checkpoint as ckpt_io
 from sentcode.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
-from sentcode.train.precision import autocast, peak_flops, pick_device, resolve_precision
+from sentcode.train.precision import MEASURE, autocast, choose_cpu_precision, peak_flops, pick_device, resolve_precision
 from sentcode.train.progress import Progress
 
 
@@ -146,6 +148,37 @@ def _set_aside(path: Path) -> None:
     warnings.warn(f"{path.parent} held the log of an earlier run that saved no checkpoint; it is kept as {aside.name}")
 
 
+def _shape_key(config_dict: dict, cfg: TrainConfig) -> str:
+    """What a step's speed depends on: the family, the model section and the micro-batch shape."""
+    model = json.dumps(config_dict.get("model", {}), sort_keys=True, default=str)
+    digest = hashlib.sha1(model.encode()).hexdigest()[:12]
+    return f"{config_dict.get('family', 'lm')} model {digest} micro_batch {cfg.micro_batch} seq_len {cfg.seq_len}"
+
+
+def _step_timer(task: TrainTask, model: nn.Module, dev: torch.device):
+    """A function timing one forward and backward pass of a copy of ``model`` on one batch, in a precision.
+
+    Nothing of the run changes: the copy takes the steps (a quantizer's EMA statistics move in a forward), the
+    batch is read and the loader put back, and the random state is restored afterwards."""
+    rng = ckpt_io.rng_state()
+    loader = task.batches.state_dict()
+    batch = task.batches.next_batch()
+    task.batches.load_state_dict(loader)
+    probe = copy.deepcopy(model).train()
+
+    def step_seconds(precision: str) -> float:
+        t = time.perf_counter()
+        with autocast(dev, precision):
+            loss = task.loss(probe, batch)
+        loss.backward()
+        probe.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t
+        ckpt_io.set_rng_state(rng)
+        return elapsed
+
+    return step_seconds
+
+
 def run_training(
     run_dir: str | Path,
     cfg: TrainConfig,
@@ -181,6 +214,11 @@ def run_training(
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=task.ddp_find_unused
         )
+    precision_note = None
+    if precision == MEASURE:
+        precision, precision_note = choose_cpu_precision(_step_timer(task, raw_model, dev), _shape_key(config_dict, cfg))
+        if dist_info.enabled:  # every rank must train in the same precision: the majority of their measurements
+            precision = "bf16" if all_reduce_mean(float(precision == "bf16"), dist_info) >= 0.5 else "fp32"
     optimizer = build_optimizer(raw_model, cfg, dev)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
@@ -230,6 +268,8 @@ def run_training(
         f"training {sum(p.numel() for p in raw_model.parameters()):,} parameters on {dev.type} ({precision}), "
         f"{dist_info.world_size} process(es), grad accumulation {accum}, from step {step}"
     )
+    if precision_note and dist_info.is_main:
+        bar.message(precision_note)
 
     def frac_done() -> float:
         f = step / cfg.max_steps
@@ -315,7 +355,8 @@ def run_training(
     if logger:
         logger.close()
     return {"status": status, "step": step, "train_elapsed": train_elapsed, "tokens_seen": tokens_seen,
-            "final_eval": final, "last_eval": last_eval, "precision": precision, "device": dev.type,
+            "final_eval": final, "last_eval": last_eval, "precision": precision, "precision_note": precision_note,
+            "device": dev.type,
             "world_size": dist_info.world_size, "model": raw_model}
 
 

@@ -37,14 +37,58 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
 
 
+MEASURE = "measure"  # what ``resolve_precision`` answers for "auto" on a CPU: the loop times both and picks
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision to train in; on a CPU, "auto" is decided by measurement (``choose_cpu_precision``)."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
+        return MEASURE
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
     return precision
+
+
+def choose_cpu_precision(step_seconds, shape_key: str, repeats: int = 3) -> tuple[str, str]:
+    """fp32 or bf16, whichever runs a training step of this model faster on this CPU, and a line saying why.
+
+    ``step_seconds(precision)`` runs one forward and backward pass and returns its wall time. A CPU flag is not
+    a measurement: bf16 was measured slower than fp32 on CPUs that have AVX512-BF16 and no AMX. Without any bf16
+    units bf16 is emulated and many times slower, so it is not timed. The answer is kept per CPU model, thread
+    count, torch version and model shape in ``cache_dir()/precision.json`` (delete it to measure again).
+    """
+    if not cpu_has_fast_bf16():
+        return "fp32", "precision auto: fp32 (this CPU has no bf16 units: no avx512_bf16 or amx_bf16)"
+    path = cache_dir() / "precision.json"
+    key = f"{cpu_model()} | {torch.get_num_threads()} thread(s) | torch {torch.__version__} | {shape_key}"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    table = table if isinstance(table, dict) else {}
+    entry = table.get(key)
+    how = f"cached from {entry.get('measured')}" if isinstance(entry, dict) else "measured now"
+    if not isinstance(entry, dict) or entry.get("choice") not in ("fp32", "bf16"):
+        times = {"fp32": [], "bf16": []}
+        for p in times:  # warm-up: first calls allocate and pick kernels
+            step_seconds(p)
+        for _ in range(repeats):
+            for p in times:  # in turn, so that a noisy machine slows both alike
+                times[p].append(step_seconds(p))
+        med = {p: sorted(t)[len(t) // 2] for p, t in times.items()}
+        entry = {"choice": "bf16" if med["bf16"] < med["fp32"] else "fp32", "fp32_s": med["fp32"],
+                 "bf16_s": med["bf16"], "cpu": cpu_model(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+        table[key] = entry
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, table)
+        except OSError:
+            pass  # a read-only home: measured again next time
+    line = (f"precision auto: {entry['choice']} (a training step of this model took {entry['fp32_s'] * 1e3:.0f} ms "
+            f"in fp32 and {entry['bf16_s'] * 1e3:.0f} ms in bf16 on this CPU; {how})")
+    return entry["choice"], line
 
 
 def autocast(device: torch.device, precision: str):
