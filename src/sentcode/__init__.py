@@ -9,7 +9,7 @@ def load(run_dir, device: str = "cpu", renderer: str | None = None, backend: str
     ``renderer`` ("ar" or "nar") picks which renderer writes a sentence-step run's text (default "ar").
     ``backend="onnx"`` runs a flat LM with ONNX Runtime (``pip install 'sentcode[onnx]'``).
     """
-    from sentcode.infer.generator import load as _load
+    from sentcode.infer.load import load as _load
 
     return _load(run_dir, device=device, renderer=renderer, backend=backend)
 

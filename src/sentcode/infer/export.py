@@ -29,6 +29,7 @@ from sentcode.data import DataDir
 from sentcode.errors import SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
 from sentcode.infer.engine import generate_ids
+from sentcode.infer.generator import load_lm, read_run
 from sentcode.infer.onnx_lm import ONNX_EXTRA, OnnxLM, import_onnxruntime
 from sentcode.io import atomic_dir, write_json
 from sentcode.models.lm_step import LMStep, check_exportable
@@ -160,8 +161,6 @@ def check_export(torch_model, onnx_model, tokens: np.ndarray, tokenizer, quantiz
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize: str | None = None,
                max_bpb_cost: float = 0.01) -> dict:
     """Export, check, and write ``out`` (which must not exist or be empty); returns ``export.json``'s content."""
-    from sentcode.infer.generator import _read_run, load
-
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise SentcodeError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -169,14 +168,14 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize
         raise SentcodeError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZE)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SentcodeError(f"{out} exists and is not an empty directory; choose another --out")
-    cfg_dict, _ = _read_run(run_dir)
+    cfg_dict, _ = read_run(run_dir)
     if (run_dir / "export.json").is_file():
         raise SentcodeError(f"{run_dir} is already an export; export its training run instead")
     name = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
     if name != "lm":
         raise SentcodeError(f"export supports flat LM runs only yet; {run_dir} is a {name!r} run")
     _exporter()
-    gen = load(run_dir)  # raises for a run with no trained weights
+    gen = load_lm(run_dir)  # raises for a run with no trained weights
     model = gen.model.float().eval()
     check_exportable(model)
     tokens, source = _held_out_tokens(gen)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -18,13 +17,12 @@ from sentcode.eval.bpb import evaluate_bpb
 from sentcode.infer.engine import generate_ids
 from sentcode.nn.device import model_device
 from sentcode.nn.sampling import check_sampling
-from sentcode.registry import family
 from sentcode.models.lm import LM
 from sentcode.tokenizer import load_tokenizer
 from sentcode.runs import checkpoint as ckpt_io
 
 
-def _read_run(run_dir: Path) -> tuple[dict, dict]:
+def read_run(run_dir: Path) -> tuple[dict, dict]:
     if not run_dir.is_dir():
         raise SentcodeError(f"no run directory at {run_dir}")
     cfg_path, run_path = run_dir / "config.yaml", run_dir / "run.json"
@@ -158,50 +156,11 @@ class FlatGenerator:
                             device=model_device(self.model))
 
 
-BACKENDS = ("torch", "onnx")
-ONNX_DIR = "onnx"  # where ``backend="onnx"`` keeps a run's checked export
-
-
-def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None, backend: str = "torch"):
-    """Load any trained run directory and return its generator (the family's loader, from the registry).
-
-    ``renderer`` ("ar" or "nar") picks the renderer that writes a sentence-step run's text (default "ar").
-    ``backend="onnx"`` runs a flat LM with ONNX Runtime: from an export directory (``sentcode export``), or
-    from the run's own checked export in ``RUN/onnx``, written on first use.
-    """
-    run_dir = Path(run_dir)
-    if backend not in BACKENDS:
-        raise SentcodeError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    cfg_dict, _ = _read_run(run_dir)
-    if (run_dir / "export.json").is_file():
-        return load_export(run_dir)
-    name = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
-    fam = family(name, where=run_dir)
-    if backend == "onnx":
-        if name != "lm":
-            raise SentcodeError(f"the onnx backend runs flat LM runs only yet; {run_dir} is a {fam.label} run")
-        if renderer is not None:
-            raise SentcodeError("a renderer choice applies to sentence-step runs; this is a flat LM run")
-        if str(device) not in ("cpu", "auto"):
-            raise SentcodeError(f"the onnx backend runs on the CPU; drop --device {device}")
-        onnx_dir = run_dir / ONNX_DIR
-        if not (onnx_dir / "export.json").is_file():
-            from sentcode.infer.export import export_run
-
-            print(f"exporting {run_dir} to ONNX once, checked against the PyTorch model, into {onnx_dir} ...",
-                  file=sys.stderr, flush=True)
-            if onnx_dir.is_dir() and not any(onnx_dir.iterdir()):
-                onnx_dir.rmdir()
-            export_run(run_dir, onnx_dir)
-        return load_export(onnx_dir)
-    return fam.resolve("load")(run_dir, device=device, renderer=renderer)
-
-
 def load_export(export_dir: Path) -> FlatGenerator:
     """A directory written by ``sentcode export``, run by ONNX Runtime."""
     from sentcode.infer.onnx_lm import OnnxLM
 
-    cfg_dict, run_info = _read_run(export_dir)
+    cfg_dict, run_info = read_run(export_dir)
     cfg = config_from_dict(cfg_dict)
     graph = export_dir / "model.onnx"
     if not graph.is_file():
@@ -213,7 +172,7 @@ def load_export(export_dir: Path) -> FlatGenerator:
 def load_lm(run_dir: Path, device: str = "cpu", renderer: str | None = None) -> FlatGenerator:
     if renderer is not None:
         raise SentcodeError("a renderer choice applies to sentence-step runs; this is a flat LM run")
-    cfg_dict, run_info = _read_run(run_dir)
+    cfg_dict, run_info = read_run(run_dir)
     cfg = config_from_dict(cfg_dict)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     if tokenizer.vocab_size != cfg.model.vocab_size:
