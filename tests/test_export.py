@@ -16,7 +16,7 @@ from sentcode.errors import SentcodeError
 from sentcode.infer.batch import BatchRequest, generate_batch
 from sentcode.infer.engine import generate_ids
 from sentcode.models.lm import LM
-from sentcode.models.lm_step import LMStep, attention_mask
+from sentcode.models.decode_step import LMStep, attention_mask
 from sentcode.nn.attention import LayerCache
 from sentcode.nn.layers import alibi_slopes, rope_cos_sin
 
@@ -123,6 +123,10 @@ def test_backend_onnx_on_a_run_exports_once_into_it(trained_run, tmp_path):
     stamp = (run / "onnx" / "model.onnx").stat().st_mtime_ns
     sentcode.load(run, backend="onnx")
     assert (run / "onnx" / "model.onnx").stat().st_mtime_ns == stamp  # reused, not written again
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # the run's weights change (a resumed run, say)
+    sentcode.load(run, backend="onnx")
+    assert (run / "onnx" / "model.onnx").stat().st_mtime_ns != stamp  # a stale export is made again
 
 
 def test_export_refusals_write_nothing(trained_run, sentence_run, tmp_path, monkeypatch):
@@ -136,7 +140,7 @@ def test_export_refusals_write_nothing(trained_run, sentence_run, tmp_path, monk
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     with pytest.raises(SentcodeError, match="flat LM runs only"):
         ex.export_run(sentence_run, tmp_path / "s")
-    with pytest.raises(SentcodeError, match="flat LM runs only"):
+    with pytest.raises(SentcodeError, match="onnx backend runs flat LM runs and the renderers"):
         sentcode.load(sentence_run, backend="onnx")
     with pytest.raises(SentcodeError, match="unknown backend"):
         sentcode.load(trained_run[0], backend="tensorrt")
@@ -183,3 +187,30 @@ def test_cli_export_and_generate_with_the_backend(trained_run, tmp_path):
     a = subprocess.run(gen + [str(trained_run[0])], capture_output=True, text=True, timeout=120)
     b = subprocess.run(gen + [str(out)], capture_output=True, text=True, timeout=120)
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+
+
+@pytest.mark.parametrize("levels", [0, 2])
+def test_renderer_export_writes_the_same_text(levels, tmp_path):
+    """A sentence-step generator writing through its renderer's ONNX export: the same text, greedy and sampled,
+    one by one and batched, with codes and reranking too."""
+    from sentcode.infer.export import RENDERER_DIR, use_onnx_renderer
+    from sentcode.infer.steplm import StepLMGenerator
+    from sentcode.models.sentence.steplm import StepLM, StepLMConfig, StepLMModelConfig
+
+    torch.manual_seed(0)
+    cfg = StepLMModelConfig(d_model=32, n_layer=2, n_head=2, n_kv_head=1, d_plan=32, plan_layers=1, plan_heads=2,
+                            plan_kv_heads=1, enc_d_model=16, enc_heads=2, window=16, max_segments=8,
+                            max_segment_bytes=40, levels=levels, codebook_size=8, cond_init="normal")
+    model = StepLM(cfg).eval()
+    ref = StepLMGenerator(model, StepLMConfig())
+    fast = use_onnx_renderer(StepLMGenerator(model, StepLMConfig()), tmp_path)
+    report = json.loads((tmp_path / RENDERER_DIR / "export.json").read_text())
+    assert report["ok"] and report["greedy_identical"] == "6/6" and type(fast.render.__self__).__name__ == "OnnxLM"
+    prompts = ["We must act. Now", "The Congress met today. It passed", "Yes"]
+    for kw in ({"temperature": 0.0, "rerank": 1}, {"temperature": 0.9, "seed": 4}):
+        assert [fast.generate(p, max_sentences=3, **kw) for p in prompts] == \
+            [ref.generate(p, max_sentences=3, **kw) for p in prompts]
+    assert fast.generate_batch(prompts, max_sentences=2, rerank=1, temperature=0.0) == \
+        ref.generate_batch(prompts, max_sentences=2, rerank=1, temperature=0.0)
+    again = use_onnx_renderer(StepLMGenerator(model, StepLMConfig()), tmp_path)  # reused, not exported again
+    assert again.generate("Yes", max_sentences=1, temperature=0.0) == ref.generate("Yes", max_sentences=1, temperature=0.0)

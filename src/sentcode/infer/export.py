@@ -32,7 +32,7 @@ from sentcode.infer.engine import generate_ids
 from sentcode.infer.generator import load_lm, read_run
 from sentcode.infer.onnx_lm import ONNX_EXTRA, OnnxLM, import_onnxruntime
 from sentcode.io import atomic_dir, write_json
-from sentcode.models.lm_step import LMStep, check_exportable
+from sentcode.models.decode_step import LMStep, RendererStep, check_exportable
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,10 @@ def _held_out_tokens(gen) -> tuple[np.ndarray, str]:
     return np.array(gen.tokenizer.encode(text)[:CHECK_TOKENS], dtype=np.int64), "bundled sample text"
 
 
-def write_graph(model, path: Path) -> None:
-    """Trace ``LMStep`` of ``model`` into ``path`` (batch, query length and cache length left dynamic)."""
-    step = LMStep(model).eval()
-    cfg = model.cfg
+def write_graph(step, path: Path) -> None:
+    """Trace a ``DecodeStep`` into ``path`` (batch, query length and cache length left dynamic)."""
+    step = step.eval()
+    cfg, cond = step.cfg, isinstance(step, RendererStep)
     hd = cfg.d_model // cfg.n_head
     B, T, P = 2, 3, 4  # sizes above 1, so that the exporter does not specialise them
     past = [torch.zeros(B, cfg.n_kv_head, P, hd) for _ in range(2 * cfg.n_layer)]
@@ -80,6 +80,10 @@ def write_graph(model, path: Path) -> None:
     shapes = {"idx": {0: Bd, 1: Td}, "cos": {0: Bd, 1: Td}, "sin": {0: Bd, 1: Td}, "mask": {0: Bd, 2: Td, 3: Kd},
               "past": [{0: Bd, 2: Pd}] * (2 * cfg.n_layer)}
     names = [f"past_{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
+    if cond:
+        args = (*args, torch.zeros(B, T, cfg.d_model))
+        shapes["cond"] = {0: Bd, 1: Td}
+        names.append("cond")
     outs = [f"present_{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
     with torch.no_grad(), _quiet():
         program = torch.onnx.export(step, args, dynamic_shapes=shapes, dynamo=True, opset_version=23,
@@ -158,15 +162,31 @@ def check_export(torch_model, onnx_model, tokens: np.ndarray, tokenizer, quantiz
             "tokens_per_s_batch1": speed, "check_tokens": int(len(tokens))}
 
 
+def weights_stamp(run_dir: Path) -> str:
+    """Names, sizes and times of a run's weight files: an export made from other weights is stale."""
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("*.safetensors")) + sorted((run_dir / "checkpoints").glob("*"))
+    return ";".join(f"{p.relative_to(run_dir)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def is_current(export_dir: Path, run_dir: Path) -> bool:
+    """``export_dir`` holds a checked export of ``run_dir``'s present weights."""
+    try:
+        return json.loads((export_dir / "export.json").read_text()).get("weights_stamp") == weights_stamp(run_dir)
+    except (OSError, ValueError):
+        return False
+
+
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize: str | None = None,
-               max_bpb_cost: float = 0.01) -> dict:
-    """Export, check, and write ``out`` (which must not exist or be empty); returns ``export.json``'s content."""
+               max_bpb_cost: float = 0.01, replace: bool = False) -> dict:
+    """Export, check, and write ``out`` (which must not exist or be empty, unless ``replace``: a stale export
+    the backend keeps inside the run); returns ``export.json``'s content."""
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise SentcodeError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZE:
         raise SentcodeError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZE)}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not replace and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SentcodeError(f"{out} exists and is not an empty directory; choose another --out")
     cfg_dict, _ = read_run(run_dir)
     if (run_dir / "export.json").is_file():
@@ -183,7 +203,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize
         raise SentcodeError("the held-out text for the export's check is shorter than 64 tokens")
     with atomic_dir(out) as tmp:
         graph = tmp / "model.onnx"
-        write_graph(model, graph)
+        write_graph(LMStep(model), graph)
         if quantize == "int8":
             fp32 = tmp / "fp32.onnx"
             graph.rename(fp32)
@@ -197,7 +217,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize
             shutil.copy2(run_dir / f, tmp / f)
         shutil.copytree(run_dir / "tokenizer", tmp / "tokenizer")
         info = {"format": fmt, "quantize": quantize, "source_run": str(run_dir.resolve()), "check_source": source,
-                "opset": 23, **report}
+                "opset": 23, "weights_stamp": weights_stamp(run_dir), **report}
         write_json(tmp / "export.json", info)
     return info
 
@@ -207,3 +227,81 @@ def read_export(path: Path) -> dict:
         return json.loads((path / "export.json").read_text())
     except (OSError, ValueError) as e:
         raise SentcodeError(f"{path} has a corrupt export.json ({type(e).__name__})") from None
+
+
+# ---- the renderer of the end-to-end sentence-step core (families steplm and hier) --------------------------------
+
+RENDERER_DIR = "onnx-renderer"  # inside the run directory
+RENDERER_FAMILIES = ("steplm", "hier")
+
+
+def _timed_text(gen, prompt: str, **kw) -> tuple[str, float]:
+    t = time.perf_counter()
+    text = gen.generate(prompt, **kw)
+    return text, len(text.encode()) / max(time.perf_counter() - t, 1e-9)
+
+
+def check_renderer(gen, onnx_model) -> dict:
+    """The renderer graph beside ``gen``'s own: logits over a window of sample bytes under a real condition,
+    greedy continuations of sample prompts (segment by segment), and the speed of both."""
+    from sentcode.corpus.sources import load_documents
+
+    text = load_documents("sample")[-1].text
+    state, _ = gen._prime(gen.segments(text[:400]))
+    cond = gen.model.condition(state.o, None)[:, None]
+    ids = torch.tensor([[gen.bos] + list(text[400:400 + 3 * gen.model.cfg.window].encode())[: 3 * gen.model.cfg.window]])
+    cond_pos = cond.expand(1, ids.shape[1], -1)
+    with torch.no_grad():
+        ref = gen.model.render(ids, cond_pos, 0, None)
+        got = onnx_model.render(ids, cond_pos, 0, gen.model.renderer.new_cache())
+    logit_diff = float((ref - got).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    torch_render = gen.render
+    for render in (torch_render, onnx_model.render):  # warm-up: first calls allocate
+        gen.render = render
+        gen.generate(text[:60], max_sentences=1, temperature=0.0)
+    same, n, speed = 0, 0, {"torch": [], "onnx": []}
+    for doc in load_documents("sample")[-GREEDY_PROMPTS:]:
+        prompt = doc.text[:120]
+        gen.render = torch_render
+        a, sa = _timed_text(gen, prompt, max_sentences=2, temperature=0.0)
+        gen.render = onnx_model.render
+        b, sb = _timed_text(gen, prompt, max_sentences=2, temperature=0.0)
+        same += a == b
+        n += 1
+        speed["torch"].append(sa)
+        speed["onnx"].append(sb)
+    gen.render = torch_render
+    failures = []
+    if logit_diff > LOGIT_TOL * scale:
+        failures.append(f"logits differ by {logit_diff:.2e} (tolerance {LOGIT_TOL * scale:.2e})")
+    if same < n:
+        failures.append(f"{n - same} of {n} greedy continuations differ")
+    med = {k: sorted(v)[len(v) // 2] for k, v in speed.items()}
+    return {"ok": not failures, "failures": failures, "max_logit_diff": logit_diff, "greedy_identical": f"{same}/{n}",
+            "bytes_per_s_greedy": med}
+
+
+def use_onnx_renderer(gen, run_dir: str | Path):
+    """Make ``gen`` (a sentence-step or autoencoder generator) write bytes through its renderer's ONNX export,
+    exported into ``RUN/onnx-renderer`` and checked on first use."""
+    import sys
+
+    _exporter()
+    run_dir = Path(run_dir)
+    out = run_dir / RENDERER_DIR
+    cfg = gen.model.renderer.cfg
+    if not is_current(out, run_dir):
+        print(f"exporting the renderer of {run_dir} to ONNX{' again (its weights changed)' if out.exists() else ' once'}"
+              f", checked against the PyTorch model, into {out} ...", file=sys.stderr, flush=True)
+        with atomic_dir(out) as tmp:
+            graph = tmp / "renderer.onnx"
+            write_graph(RendererStep(gen.model), graph)
+            report = check_renderer(gen, OnnxLM(graph, cfg))
+            if not report["ok"]:
+                raise SentcodeError(f"the renderer's export failed its check ({'; '.join(report['failures'])}); "
+                                    "nothing was written")
+            write_json(tmp / "export.json", {"format": "onnx", "part": "renderer", "opset": 23,
+                                             "weights_stamp": weights_stamp(run_dir), **report})
+    gen.render = OnnxLM(out / "renderer.onnx", cfg).render
+    return gen

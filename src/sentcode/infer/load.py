@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from sentcode.errors import SentcodeError
-from sentcode.infer.export import export_run
+from sentcode.infer.export import RENDERER_FAMILIES, export_run, is_current, use_onnx_renderer
 from sentcode.infer.generator import load_export, read_run
 from sentcode.registry import family
 
@@ -19,7 +19,8 @@ def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None, 
 
     ``renderer`` ("ar" or "nar") picks the renderer that writes a sentence-step run's text (default "ar").
     ``backend="onnx"`` runs a flat LM with ONNX Runtime: from an export directory (``sentcode export``), or
-    from the run's own checked export in ``RUN/onnx``, written on first use.
+    from the run's own checked export in ``RUN/onnx``, written on first use; for a sentence-step or autoencoder
+    run, its per-byte renderer (``RUN/onnx-renderer``), the planner and encoder staying in PyTorch.
     """
     run_dir = Path(run_dir)
     if backend not in BACKENDS:
@@ -29,19 +30,23 @@ def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None, 
         return load_export(run_dir)
     name = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
     fam = family(name, where=run_dir)
+    if backend == "onnx" and name in RENDERER_FAMILIES:
+        if str(device) not in ("cpu", "auto"):
+            raise SentcodeError(f"the onnx backend runs on the CPU; drop --device {device}")
+        return use_onnx_renderer(fam.resolve("load")(run_dir, device="cpu", renderer=renderer), run_dir)
     if backend == "onnx":
         if name != "lm":
-            raise SentcodeError(f"the onnx backend runs flat LM runs only yet; {run_dir} is a {fam.label} run")
+            raise SentcodeError(f"the onnx backend runs flat LM runs and the renderers of sentence-step and "
+                                f"autoencoder runs; {run_dir} is a {fam.label} run")
         if renderer is not None:
             raise SentcodeError("a renderer choice applies to sentence-step runs; this is a flat LM run")
         if str(device) not in ("cpu", "auto"):
             raise SentcodeError(f"the onnx backend runs on the CPU; drop --device {device}")
         onnx_dir = run_dir / ONNX_DIR
-        if not (onnx_dir / "export.json").is_file():
-            print(f"exporting {run_dir} to ONNX once, checked against the PyTorch model, into {onnx_dir} ...",
-                  file=sys.stderr, flush=True)
-            if onnx_dir.is_dir() and not any(onnx_dir.iterdir()):
-                onnx_dir.rmdir()
-            export_run(run_dir, onnx_dir)
+        if not is_current(onnx_dir, run_dir):
+            again = (onnx_dir / "export.json").is_file()
+            print(f"exporting {run_dir} to ONNX {'again (its weights changed)' if again else 'once'}, checked against "
+                  f"the PyTorch model, into {onnx_dir} ...", file=sys.stderr, flush=True)
+            export_run(run_dir, onnx_dir, replace=True)
         return load_export(onnx_dir)
     return fam.resolve("load")(run_dir, device=device, renderer=renderer)

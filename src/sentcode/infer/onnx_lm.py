@@ -1,5 +1,5 @@
-"""An exported flat LM run by ONNX Runtime, behind the same call as ``LM``: ``model(idx, cache, start_pos,
-pad_mask) -> logits``, ``new_cache()``, ``cfg``.
+"""An exported decoding stack run by ONNX Runtime, behind the same call as ``LM``: ``model(idx, cache, start_pos,
+pad_mask) -> logits``, ``new_cache()``, ``cfg`` (and ``render``, ``StepLM.render``'s call, for a renderer).
 
 So every token loop written for ``LM`` (``engine.generate_ids``, the server's ``BatchDecoder``, bits-per-byte
 scoring) runs on it unchanged, and chooses the same tokens from the same logits (the sampler is shared). The
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sentcode.errors import SentcodeError
-from sentcode.models.lm_step import attention_mask
+from sentcode.models.decode_step import attention_mask
 from sentcode.nn.attention import LayerCache
 from sentcode.nn.layers import alibi_slopes, rope_cos_sin
 
@@ -44,7 +44,8 @@ def ort_session(path: Path, threads: int | None = None):
 
 
 class OnnxLM:
-    """A flat LM graph from ``LMStep`` in an ONNX Runtime session (CPU)."""
+    """A graph from ``LMStep`` or ``RendererStep`` in an ONNX Runtime session (CPU); ``cfg``: its stack's
+    ``ModelConfig``."""
 
     device = torch.device("cpu")
     training = False
@@ -56,8 +57,9 @@ class OnnxLM:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.head_dim = cfg.d_model // cfg.n_head
         self.slopes = alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None
-        # Rotary tables for the positions a token loop uses (0 .. 2 contexts), computed once by the model's rule.
-        cos, sin = rope_cos_sin(torch.arange(2 * cfg.max_seq_len), self.head_dim, cfg.rope_theta)
+        # Rotary tables for the positions a token loop uses most (0 .. 2 contexts, at most 8,192), computed once by
+        # the model's rule; other positions are computed per call (a renderer's positions grow with the document).
+        cos, sin = rope_cos_sin(torch.arange(min(2 * cfg.max_seq_len, 8192)), self.head_dim, cfg.rope_theta)
         self.tables = cos.numpy(), sin.numpy()
 
     def eval(self):
@@ -69,8 +71,13 @@ class OnnxLM:
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in range(self.cfg.n_layer)]
 
+    def render(self, x: torch.Tensor, cond_pos: torch.Tensor, start_pos: int = 0,
+               cache: list[LayerCache] | None = None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``StepLM.render``'s call, for a renderer graph (``RendererStep``)."""
+        return self(x, cache, start_pos, pad_mask, cond=cond_pos)
+
     def __call__(self, idx: torch.Tensor, cache: list[LayerCache] | None = None, start_pos: int = 0,
-                 pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 pad_mask: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         P = cache[0].length if cache else 0
         positions = torch.arange(start_pos, start_pos + T)
@@ -93,6 +100,8 @@ class OnnxLM:
             has = c is not None and c.k is not None
             feeds[f"past_key_{i}"] = np.ascontiguousarray(c.k.numpy()) if has else empty
             feeds[f"past_value_{i}"] = np.ascontiguousarray(c.v.numpy()) if has else empty
+        if "cond" in self.inputs:
+            feeds["cond"] = np.ascontiguousarray(cond.detach().float().numpy())
         out = self.session.run(None, feeds)
         if cache is not None:
             for i, c in enumerate(cache):

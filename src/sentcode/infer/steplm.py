@@ -74,6 +74,7 @@ class StepLMGenerator:
         self.symbols = model.cfg.symbols  # 256 bytes, or the codes of a lower level (segments are then int lists)
         self.bos = specials(self.symbols)[0]
         self.default_rerank = 4 if self.codes else 1
+        self.render = model.render  # the per-byte writer: the model's own, or its ONNX export (``use_onnx_renderer``)
 
     # ---- pieces -----------------------------------------------------------------------------------------
 
@@ -127,7 +128,7 @@ class StepLMGenerator:
     def _feed(self, state: _State, ids: list[int]) -> torch.Tensor:
         """Run the renderer over ``ids`` of the current segment; returns the last position's logits."""
         x = torch.tensor([ids], device=self.device)
-        logits = self.model.render(x, state.cond.expand(1, len(ids), -1), state.render_pos, state.render_cache)
+        logits = self.render(x, state.cond.expand(1, len(ids), -1), state.render_pos, state.render_cache)
         state.render_pos += len(ids)
         trim_cache(state.render_cache, self.model.cfg.window)
         state.stream.extend(ids)  # read from its end only; cut back now and then, not copied at every byte

@@ -93,7 +93,7 @@ def generate_batch(gen, prompts: list[list[bytes]], max_sentences: int, temperat
     seen = pad[:, :0]
     for s in range(0, L, W):
         seen = torch.cat([seen, pad[:, s:s + W]], 1)
-        logits = m.render(x[:, s:s + W], cond[:, s:s + W], s, cache, seen)[:, -1]
+        logits = gen.render(x[:, s:s + W], cond[:, s:s + W], s, cache, seen)[:, -1]
         trim_cache(cache, W)
         seen = seen[:, -W:]
     pos, pad = L, seen
@@ -126,7 +126,7 @@ def generate_batch(gen, prompts: list[list[bytes]], max_sentences: int, temperat
         x = torch.tensor(feed, device=dev)[:, None]
         cond = torch.cat([r.state.cond for r in rows], 0)  # [B, 1, d]
         pad = torch.cat([pad, torch.ones(len(rows), 1, dtype=torch.bool, device=dev)], 1)
-        logits = m.render(x, cond, pos, cache, pad)[:, -1]
+        logits = gen.render(x, cond, pos, cache, pad)[:, -1]
         pos += 1
         trim_cache(cache, W)
         pad = pad[:, -W:]

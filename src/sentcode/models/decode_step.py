@@ -1,6 +1,7 @@
-"""The flat LM's forward written for export: one graph per call, caches in and out, few large operators.
+"""Decoding stacks written for export: one graph per call, caches in and out, few large operators.
 
-``LMStep`` computes what ``LM.forward`` computes with a cache, from the same weights, in the form that ONNX
+``LMStep`` computes what ``LM.forward`` computes with a cache, and ``RendererStep`` what ``StepLM.render`` does
+(the sentence-step and autoencoder families' per-byte writer), from the same weights, in the form that ONNX
 Runtime runs fastest at batch 1: the query/key/value projections and the SwiGLU gate/up projections fused into
 one matrix each, RMSNorm, rotary embedding and grouped-query attention as single ONNX operators (through
 ``torch.onnx.ops``, which also run in PyTorch, so the module is tested against ``LM`` directly), and every layer's
@@ -28,32 +29,40 @@ def check_exportable(model) -> None:
         raise SentcodeError("export does not support the dual-FFN router yet (model.ffn: dual); train with ffn: swiglu")
 
 
-class LMStep(nn.Module):
-    """idx [B, T], cos/sin [B, T, head_dim/2], mask [B, 1 or H, T, P+T], past keys/values (one pair per layer,
-    [B, H_kv, P, head_dim]) -> logits [B, T, V] and the present keys/values [B, H_kv, P+T, head_dim]."""
+class DecodeStep(nn.Module):
+    """A stack of ``Block``s between an embedding and a head, as one export graph:
 
-    def __init__(self, model):
+    idx [B, T], cos/sin [B, T, head_dim/2], mask [B, 1 or H, T, P+T], past keys/values (one pair per layer,
+    [B, H_kv, P, head_dim]) and, for a conditioned stack, cond [B, T, d_model] added to the scaled embeddings
+    -> logits [B, T, V] and the present keys/values [B, H_kv, P+T, head_dim]."""
+
+    def __init__(self, cfg, embed: nn.Embedding, blocks: nn.ModuleList, norm, head_weight: torch.Tensor,
+                 embed_scale: float = 1.0):
         super().__init__()
-        check_exportable(model)
-        self.model = model
-        attn = model.blocks[0].attn
+        self.cfg, self.embed, self.blocks, self.norm = cfg, embed, blocks, norm
+        self.head_weight, self.embed_scale = head_weight, embed_scale
+        attn = blocks[0].attn
         self.n_head, self.n_kv_head, self.head_dim = attn.n_head, attn.n_kv_head, attn.head_dim
         self.qkv = nn.ParameterList(
             nn.Parameter(torch.cat([b.attn.wq.weight, b.attn.wkv.weight]).T.contiguous(), requires_grad=False)
-            for b in model.blocks)
+            for b in blocks)
         self.gate_up = nn.ParameterList(
             nn.Parameter(torch.cat([b.ffn.w_gate.weight, b.ffn.w_up.weight]).T.contiguous(), requires_grad=False)
-            for b in model.blocks)
+            for b in blocks)
 
-    def forward(self, idx, cos, sin, mask, past: list[torch.Tensor]):
-        m, d = self.model, self.model.cfg.d_model
+    def forward(self, idx, cos, sin, mask, past: list[torch.Tensor], cond: torch.Tensor | None = None):
+        d = self.cfg.d_model
         nq, nk = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        x = m.embed(idx)
+        x = self.embed(idx)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if cond is not None:
+            x = x + cond
         present = []
-        for i, block in enumerate(m.blocks):
+        for i, block in enumerate(self.blocks):
             h = F.rms_norm(x, (d,), block.norm1.weight, block.norm1.eps)
             q, k, v = (h @ self.qkv[i]).split([nq, nk, nk], dim=-1)
-            if m.cfg.pos == "rope":
+            if self.cfg.pos == "rope":
                 q = ops.rotary_embedding(q, cos, sin, num_heads=self.n_head)
                 k = ops.rotary_embedding(k, cos, sin, num_heads=self.n_kv_head)
             y, k_all, v_all, _ = ops.attention(q, k, v, mask, past[2 * i], past[2 * i + 1],
@@ -63,8 +72,25 @@ class LMStep(nn.Module):
             h = F.rms_norm(x, (d,), block.norm2.weight, block.norm2.eps)
             gate, up = (h @ self.gate_up[i]).chunk(2, dim=-1)
             x = x + block.ffn.w_down(F.silu(gate) * up)
-        logits = m.head(F.rms_norm(x, (d,), m.norm.weight, m.norm.eps))
+        logits = F.linear(F.rms_norm(x, (d,), self.norm.weight, self.norm.eps), self.head_weight)
         return (logits, *present)
+
+
+class LMStep(DecodeStep):
+    """The flat LM (``LM``) as a decode graph."""
+
+    def __init__(self, model):
+        check_exportable(model)
+        super().__init__(model.cfg, model.embed, model.blocks, model.norm, model.head.weight)
+
+
+class RendererStep(DecodeStep):
+    """The renderer of the end-to-end sentence-step core (``StepLM.render``) as a decode graph: byte embeddings
+    at sqrt(d_model) scale plus the segment's condition, the renderer stack, the tied head."""
+
+    def __init__(self, model):
+        r = model.renderer
+        super().__init__(r.cfg, model.embed, r.blocks, r.norm, model.embed.weight, model.cfg.d_model ** 0.5)
 
 
 def attention_mask(cfg, batch: int, positions: torch.Tensor, n_keys: int, pad_mask: torch.Tensor | None,
