@@ -1,13 +1,16 @@
 """Decode speed of one trained flat LM on every backend, side by side in one process, and what each costs in bpb.
 
-    python benchmarks/decode_backends.py --run RUN_DIR [--bytes 256] [--repeats 3] [--threads 2] [--name NAME]
+    python benchmarks/decode_backends.py --run RUN_DIR [--steplm RUN_DIR] [--bytes 256] [--repeats 3]
+        [--threads 2] [--name NAME]
 
 Backends: ``torch`` (today's engine: ``LM`` with its KV cache), ``onnx`` (the checked fp32 export) and
 ``onnx-int8`` (weight-only int8). The exports are written under benchmarks/work/ by ``export_run`` (so each
 passed its check). Batch 1: ``generate_ids`` writing --bytes tokens at temperature 0.8 from a short prompt;
 batch 8: ``generate_batch`` with 8 such requests (the server's continuous-batching loop). Backends take turns
 within each repetition (A B C A B C ...) so that a noisy machine slows them alike; the median is reported.
-Bits per byte: the first --bpb-tokens tokens of the run's test split, scored by each backend.
+Bits per byte: the first --bpb-tokens tokens of the run's test split, scored by each backend. --steplm: a
+sentence-step run generating --segments segments per request with its renderer on each backend (the planner
+and the encoder stay in PyTorch), bytes/s of whole requests at batch 1.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bpb-tokens", type=int, default=65536)
+    ap.add_argument("--steplm", default=None, metavar="RUN_DIR",
+                    help="also a sentence-step (or autoencoder) run, its renderer on both backends")
+    ap.add_argument("--segments", type=int, default=4, help="segments written per request by --steplm (default 4)")
     ap.add_argument("--name", default="decode_backends")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,6 +81,24 @@ def main() -> None:
             speed[name]["batch1"].append(_batch1(g.model, prompt, args.bytes, r))
         for name, g in models.items():
             speed[name]["batch8"].append(_batch8(g.model, prompt, args.bytes, r))
+    step_rows = []
+    if args.steplm:  # the renderer on both backends, in turn; bytes/s of whole requests (planner and encoder too)
+        from sentcode.infer.export import use_onnx_renderer
+
+        step = {"torch": sentcode.load(args.steplm)}
+        step["onnx"] = use_onnx_renderer(sentcode.load(args.steplm), args.steplm)
+        prompt_text = "The state of the Union is strong. We have"
+        runs = {k: [] for k in step}
+        for k, g in step.items():  # warm-up
+            g.generate(prompt_text, max_sentences=1, temperature=0.8, seed=0)
+        for r in range(args.repeats):
+            for k, g in step.items():
+                t = time.perf_counter()
+                text = g.generate(prompt_text, max_sentences=args.segments, temperature=0.8, seed=r)
+                runs[k].append(len(text.encode()) / (time.perf_counter() - t))
+        for k in step:
+            step_rows.append({"backend": k, "bytes_s_batch1": statistics.median(runs[k]), "runs": runs[k]})
+            print(f"{args.steplm} renderer on {k}: {step_rows[-1]['bytes_s_batch1']:.0f} bytes/s at batch 1")
     data_dir = models["torch"].run_info.get("data_dir")
     tokens = DataDir(data_dir).tokens("test")[: args.bpb_tokens]
     rows = []
@@ -91,7 +115,8 @@ def main() -> None:
         print(f"{row['backend']:<10} {row['bpb']:7.4f} {row['bytes_s_batch1']:8.0f} {row['x_batch1']:5.2f} "
               f"{row['bytes_s_batch8']:8.0f} {row['x_batch8']:5.2f}")
     out = save(args.name, {"run": args.run, "threads": args.threads, "bytes": args.bytes, "repeats": args.repeats,
-                           "bpb_tokens": int(len(tokens)), "rows": rows, "exports": reports})
+                           "bpb_tokens": int(len(tokens)), "rows": rows, "exports": reports,
+                           "steplm": args.steplm, "steplm_rows": step_rows})
     print(f"machine: {machine()}\nwrote {out}")
 
 

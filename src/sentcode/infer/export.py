@@ -57,7 +57,7 @@ def _held_out_tokens(gen) -> tuple[np.ndarray, str]:
     data_dir = gen.run_info.get("data_dir")
     if data_dir and Path(data_dir).is_dir():
         try:
-            return DataDir(data_dir).tokens("test")[:CHECK_TOKENS], f"test split of {data_dir}"
+            return DataDir(data_dir).tokens("test")[:CHECK_TOKENS], f"test split of its data ({Path(data_dir).name})"
         except Exception:  # a data directory from another version: fall back to the sample text
             pass
     from sentcode.corpus.sources import load_documents
@@ -216,7 +216,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize
         for f in ("config.yaml", "run.json"):
             shutil.copy2(run_dir / f, tmp / f)
         shutil.copytree(run_dir / "tokenizer", tmp / "tokenizer")
-        info = {"format": fmt, "quantize": quantize, "source_run": str(run_dir.resolve()), "check_source": source,
+        info = {"format": fmt, "quantize": quantize, "source_run": str(run_dir), "check_source": source,
                 "opset": 23, "weights_stamp": weights_stamp(run_dir), **report}
         write_json(tmp / "export.json", info)
     return info
