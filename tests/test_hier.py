@@ -427,7 +427,7 @@ def test_level2_codes_decode_through_level1(run2):
     import sentcode
 
     g = sentcode.load(run2)
-    render = g.upper.model.render
+    render = g.upper.render
     eos = g.upper.model.cfg.symbols + 1
 
     def no_early_end(*a, **k):  # the micro model ends segments at once; make it write each one in full
@@ -435,7 +435,7 @@ def test_level2_codes_decode_through_level1(run2):
         logits[..., eos - 1:] = -1e4  # BOS, EOS and PAD: each would end the segment
         return logits
 
-    g.upper.model.render = no_early_end
+    g.upper.render = no_early_end
     enc = g.encode("The Congress met today. It passed three bills.")
     top = enc["level2"]["codes"]
     assert sum(enc["level2"]["segments"]) == len(enc["codes"]) and len(top) == -(-len(enc["codes"]) // 4)
