@@ -297,11 +297,11 @@ def use_onnx_renderer(gen, run_dir: str | Path):
         with atomic_dir(out) as tmp:
             graph = tmp / "renderer.onnx"
             write_graph(RendererStep(gen.model), graph)
-            report = check_renderer(gen, OnnxLM(graph, cfg))
+            report = check_renderer(gen, OnnxLM(graph, cfg, spin=False))
             if not report["ok"]:
                 raise SentcodeError(f"the renderer's export failed its check ({'; '.join(report['failures'])}); "
                                     "nothing was written")
             write_json(tmp / "export.json", {"format": "onnx", "part": "renderer", "opset": 23,
                                              "weights_stamp": weights_stamp(run_dir), **report})
-    gen.render = OnnxLM(out / "renderer.onnx", cfg).render
+    gen.render = OnnxLM(out / "renderer.onnx", cfg, spin=False).render  # called between the planner's torch calls
     return gen

@@ -31,9 +31,14 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def ort_session(path: Path, threads: int | None = None):
+def ort_session(path: Path, threads: int | None = None, spin: bool = True):
+    """``spin``: ONNX Runtime's threads wait busily between runs (fastest when nothing else runs between them; a
+    graph called between PyTorch calls, as a renderer is, should not spin: its waiting threads take the cores that
+    PyTorch's next call needs)."""
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are not the user's concern
@@ -50,9 +55,9 @@ class OnnxLM:
     device = torch.device("cpu")
     training = False
 
-    def __init__(self, path: Path, cfg, threads: int | None = None):
+    def __init__(self, path: Path, cfg, threads: int | None = None, spin: bool = True):
         self.cfg = cfg
-        self.session = ort_session(path, threads)
+        self.session = ort_session(path, threads, spin)
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.head_dim = cfg.d_model // cfg.n_head
