@@ -9,8 +9,9 @@ passed its check). Batch 1: ``generate_ids`` writing --bytes tokens at temperatu
 batch 8: ``generate_batch`` with 8 such requests (the server's continuous-batching loop). Backends take turns
 within each repetition (A B C A B C ...) so that a noisy machine slows them alike; the median is reported.
 Bits per byte: the first --bpb-tokens tokens of the run's test split, scored by each backend. --steplm: a
-sentence-step run generating --segments segments per request with its renderer on each backend (the planner
-and the encoder stay in PyTorch), bytes/s of whole requests at batch 1.
+sentence-step (or autoencoder) run generating --segments segments per request with its renderer, planner and
+encoder stacks on each backend (pooling, quantizer and sampling stay in PyTorch), bytes/s of whole requests at
+batch 1.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bpb-tokens", type=int, default=65536)
-    ap.add_argument("--steplm", default=None, metavar="RUN_DIR",
-                    help="also a sentence-step (or autoencoder) run, its renderer on both backends")
-    ap.add_argument("--segments", type=int, default=4, help="segments written per request by --steplm (default 4)")
+    ap.add_argument("--steplm", nargs="*", default=[], metavar="RUN_DIR",
+                    help="also a sentence-step (or autoencoder) run, its renderer, planner and encoder on both backends")
+    ap.add_argument("--segments", type=int, default=4,
+                    help="segments written per request by a sentence-step run (default 4; an autoencoder run writes "
+                         "its default 40 short segments)")
     ap.add_argument("--name", default="decode_backends")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,11 +85,12 @@ def main() -> None:
         for name, g in models.items():
             speed[name]["batch8"].append(_batch8(g.model, prompt, args.bytes, r))
     step_rows = []
-    if args.steplm:  # the renderer on both backends, in turn; bytes/s of whole requests (planner and encoder too)
-        from sentcode.infer.export import use_onnx_renderer
+    for run in args.steplm:  # the core on both backends, in turn; bytes/s of whole requests
+        from sentcode.infer.export import use_onnx_core
 
-        step = {"torch": sentcode.load(args.steplm)}
-        step["onnx"] = use_onnx_renderer(sentcode.load(args.steplm), args.steplm)
+        step = {"torch": sentcode.load(run)}
+        step["onnx"] = use_onnx_core(sentcode.load(run), run)
+        n = args.segments if step["torch"].family == "steplm" else step["torch"].default_steps
         prompt_text = "The state of the Union is strong. We have"
         runs = {k: [] for k in step}
         for k, g in step.items():  # warm-up
@@ -94,11 +98,12 @@ def main() -> None:
         for r in range(args.repeats):
             for k, g in step.items():
                 t = time.perf_counter()
-                text = g.generate(prompt_text, max_sentences=args.segments, temperature=0.8, seed=r)
+                text = g.generate(prompt_text, max_sentences=n, temperature=0.8, seed=r)
                 runs[k].append(len(text.encode()) / (time.perf_counter() - t))
         for k in step:
-            step_rows.append({"backend": k, "bytes_s_batch1": statistics.median(runs[k]), "runs": runs[k]})
-            print(f"{args.steplm} renderer on {k}: {step_rows[-1]['bytes_s_batch1']:.0f} bytes/s at batch 1")
+            step_rows.append({"run": run, "family": step[k].family, "segments": n, "backend": k,
+                              "bytes_s_batch1": statistics.median(runs[k]), "runs": runs[k]})
+            print(f"{run} ({step[k].family}) on {k}: {step_rows[-1]['bytes_s_batch1']:.0f} bytes/s at batch 1")
     data_dir = models["torch"].run_info.get("data_dir")
     tokens = DataDir(data_dir).tokens("test")[: args.bpb_tokens]
     rows = []

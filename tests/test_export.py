@@ -190,10 +190,10 @@ def test_cli_export_and_generate_with_the_backend(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("levels", [0, 2])
-def test_renderer_export_writes_the_same_text(levels, tmp_path):
-    """A sentence-step generator writing through its renderer's ONNX export: the same text, greedy and sampled,
-    one by one and batched, with codes and reranking too."""
-    from sentcode.infer.export import RENDERER_DIR, use_onnx_renderer
+def test_core_export_writes_the_same_text(levels, tmp_path):
+    """A sentence-step generator running its renderer, planner and encoder through their ONNX exports: the same
+    text, greedy and sampled, one by one and batched, with codes and reranking too."""
+    from sentcode.infer.export import CORE_DIR, use_onnx_core
     from sentcode.infer.steplm import StepLMGenerator
     from sentcode.models.sentence.steplm import StepLM, StepLMConfig, StepLMModelConfig
 
@@ -203,14 +203,16 @@ def test_renderer_export_writes_the_same_text(levels, tmp_path):
                             max_segment_bytes=40, levels=levels, codebook_size=8, cond_init="normal")
     model = StepLM(cfg).eval()
     ref = StepLMGenerator(model, StepLMConfig())
-    fast = use_onnx_renderer(StepLMGenerator(model, StepLMConfig()), tmp_path)
-    report = json.loads((tmp_path / RENDERER_DIR / "export.json").read_text())
-    assert report["ok"] and report["greedy_identical"] == "6/6" and type(fast.render.__self__).__name__ == "OnnxLM"
+    fast = use_onnx_core(StepLMGenerator(model, StepLMConfig()), tmp_path)
+    report = json.loads((tmp_path / CORE_DIR / "export.json").read_text())
+    assert report["ok"] and report["greedy_identical"] == "6/6" and set(report["max_diff"]) == {
+        "renderer", "planner", "encoder"}
+    assert all(type(f.__self__).__name__ == "OnnxLM" for f in (fast.render, fast.planner, fast.encoder_states))
     prompts = ["We must act. Now", "The Congress met today. It passed", "Yes"]
     for kw in ({"temperature": 0.0, "rerank": 1}, {"temperature": 0.9, "seed": 4}):
         assert [fast.generate(p, max_sentences=3, **kw) for p in prompts] == \
             [ref.generate(p, max_sentences=3, **kw) for p in prompts]
     assert fast.generate_batch(prompts, max_sentences=2, rerank=1, temperature=0.0) == \
         ref.generate_batch(prompts, max_sentences=2, rerank=1, temperature=0.0)
-    again = use_onnx_renderer(StepLMGenerator(model, StepLMConfig()), tmp_path)  # reused, not exported again
+    again = use_onnx_core(StepLMGenerator(model, StepLMConfig()), tmp_path)  # reused, not exported again
     assert again.generate("Yes", max_sentences=1, temperature=0.0) == ref.generate("Yes", max_sentences=1, temperature=0.0)

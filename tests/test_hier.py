@@ -351,6 +351,18 @@ def test_the_server_and_the_chat_serve_the_family(run):
     assert chat.unit == "segments"
 
 
+def test_the_chat_command_starts_and_answers(run):
+    """Guards the chat's banner, which asked a sentence-step or autoencoder generator for a planner config it
+    does not have (a traceback before the first prompt)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "sentcode.cli", "chat", str(run), "--max", "2", "--temperature", "0"],
+                       input="The Congress met.\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "hierarchical byte autoencoder, 31 segments of history" in r.stdout and "Traceback" not in r.stderr
+
+
 def test_the_training_log_has_the_loss_terms_and_codebook_health(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     step = [r for r in rows if "loss_render" in r]

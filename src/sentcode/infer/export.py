@@ -32,7 +32,7 @@ from sentcode.infer.engine import generate_ids
 from sentcode.infer.generator import load_lm, read_run
 from sentcode.infer.onnx_lm import ONNX_EXTRA, OnnxLM, import_onnxruntime
 from sentcode.io import atomic_dir, write_json
-from sentcode.models.decode_step import LMStep, RendererStep, check_exportable
+from sentcode.models.decode_step import EncoderStep, LMStep, PlannerStep, RendererStep, check_exportable
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,12 @@ def _held_out_tokens(gen) -> tuple[np.ndarray, str]:
 def write_graph(step, path: Path) -> None:
     """Trace a ``DecodeStep`` into ``path`` (batch, query length and cache length left dynamic)."""
     step = step.eval()
-    cfg, cond = step.cfg, isinstance(step, RendererStep)
+    cfg, cond = step.cfg, step.conditioned
     hd = cfg.d_model // cfg.n_head
     B, T, P = 2, 3, 4  # sizes above 1, so that the exporter does not specialise them
     past = [torch.zeros(B, cfg.n_kv_head, P, hd) for _ in range(2 * cfg.n_layer)]
-    args = (torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, hd // 2), torch.zeros(B, T, hd // 2),
+    first = torch.zeros(B, T, dtype=torch.long) if step.embed is not None else torch.zeros(B, T, cfg.d_model)
+    args = (first, torch.ones(B, T, hd // 2), torch.zeros(B, T, hd // 2),
             torch.ones(B, 1 if cfg.pos == "rope" else cfg.n_head, T, P + T,
                        dtype=torch.bool if cfg.pos == "rope" else torch.float32), past)
     Bd, Td, Pd, Kd = (torch.export.Dim(n) for n in ("batch", "query", "past", "keys"))
@@ -87,8 +88,10 @@ def write_graph(step, path: Path) -> None:
     outs = [f"present_{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
     with torch.no_grad(), _quiet():
         program = torch.onnx.export(step, args, dynamic_shapes=shapes, dynamo=True, opset_version=23,
-                                    input_names=["idx", "cos", "sin", "mask", *names],
-                                    output_names=["logits", *outs], optimize=True, verbose=False)
+                                    input_names=["idx" if step.embed is not None else "x", "cos", "sin", "mask",
+                                                 *names],
+                                    output_names=["logits" if step.head_weight is not None else "hidden", *outs],
+                                    optimize=True, verbose=False)
         program.save(str(path))
 
 
@@ -229,10 +232,11 @@ def read_export(path: Path) -> dict:
         raise SentcodeError(f"{path} has a corrupt export.json ({type(e).__name__})") from None
 
 
-# ---- the renderer of the end-to-end sentence-step core (families steplm and hier) --------------------------------
+# ---- the end-to-end sentence-step core (families steplm and hier): renderer, planner, encoder -------------------
 
-RENDERER_DIR = "onnx-renderer"  # inside the run directory
-RENDERER_FAMILIES = ("steplm", "hier")
+CORE_DIR = "onnx"  # inside the run directory
+CORE_FAMILIES = ("steplm", "hier")
+CORE_PARTS = ("renderer", "planner", "encoder")
 
 
 def _timed_text(gen, prompt: str, **kw) -> tuple[str, float]:
@@ -241,67 +245,85 @@ def _timed_text(gen, prompt: str, **kw) -> tuple[str, float]:
     return text, len(text.encode()) / max(time.perf_counter() - t, 1e-9)
 
 
-def check_renderer(gen, onnx_model) -> dict:
-    """The renderer graph beside ``gen``'s own: logits over a window of sample bytes under a real condition,
-    greedy continuations of sample prompts (segment by segment), and the speed of both."""
+def _swap(gen, parts: dict | None) -> None:
+    """Point ``gen`` at the exported parts (``parts``), or back at its model's own (None)."""
+    m = gen.model
+    gen.render = parts["renderer"].render if parts else m.render
+    gen.planner = parts["planner"].stack if parts else m.planner
+    gen.encoder_states = parts["encoder"].stack if parts else None
+
+
+def check_core(gen, parts: dict) -> dict:
+    """The exported parts beside ``gen``'s model: each part's output on real inputs (the renderer under a real
+    planner condition), greedy continuations of sample prompts with every part swapped, and the speed of both."""
     from sentcode.corpus.sources import load_documents
 
+    m = gen.model
     text = load_documents("sample")[-1].text
+    _swap(gen, None)
     state, _ = gen._prime(gen.segments(text[:400]))
-    cond = gen.model.condition(state.o, None)[:, None]
-    ids = torch.tensor([[gen.bos] + list(text[400:400 + 3 * gen.model.cfg.window].encode())[: 3 * gen.model.cfg.window]])
-    cond_pos = cond.expand(1, ids.shape[1], -1)
+    W = m.cfg.window
+    ids = torch.tensor([[gen.bos] + list(text[400:400 + 3 * W].encode())[: 3 * W]])
+    cond = m.condition(state.o, None)[:, None].expand(1, ids.shape[1], -1)
+    vectors = torch.cat([m.plan_start[None]] + state.embeddings, 0)[None]
     with torch.no_grad():
-        ref = gen.model.render(ids, cond_pos, 0, None)
-        got = onnx_model.render(ids, cond_pos, 0, gen.model.renderer.new_cache())
-    logit_diff = float((ref - got).abs().max())
-    scale = max(1.0, float(ref.abs().max()))
-    torch_render = gen.render
-    for render in (torch_render, onnx_model.render):  # warm-up: first calls allocate
-        gen.render = render
+        pairs = {"renderer": (m.render(ids, cond, 0, None), parts["renderer"].render(ids, cond, 0, m.renderer.new_cache())),
+                 "planner": (m.planner(vectors), parts["planner"].stack(vectors)),
+                 "encoder": (m.encoder(m.enc_embed(ids)), parts["encoder"].stack(ids))}
+    diffs = {k: float((a - b).abs().max()) for k, (a, b) in pairs.items()}
+    scales = {k: max(1.0, float(a.abs().max())) for k, (a, _) in pairs.items()}
+    for p in (None, parts):  # warm-up: first calls allocate
+        _swap(gen, p)
         gen.generate(text[:60], max_sentences=1, temperature=0.0)
     same, n, speed = 0, 0, {"torch": [], "onnx": []}
     for doc in load_documents("sample")[-GREEDY_PROMPTS:]:
         prompt = doc.text[:120]
-        gen.render = torch_render
+        _swap(gen, None)
         a, sa = _timed_text(gen, prompt, max_sentences=2, temperature=0.0)
-        gen.render = onnx_model.render
+        _swap(gen, parts)
         b, sb = _timed_text(gen, prompt, max_sentences=2, temperature=0.0)
         same += a == b
         n += 1
         speed["torch"].append(sa)
         speed["onnx"].append(sb)
-    gen.render = torch_render
-    failures = []
-    if logit_diff > LOGIT_TOL * scale:
-        failures.append(f"logits differ by {logit_diff:.2e} (tolerance {LOGIT_TOL * scale:.2e})")
+    _swap(gen, None)
+    failures = [f"the {k}'s outputs differ by {d:.2e} (tolerance {LOGIT_TOL * scales[k]:.2e})"
+                for k, d in diffs.items() if d > LOGIT_TOL * scales[k]]
     if same < n:
         failures.append(f"{n - same} of {n} greedy continuations differ")
     med = {k: sorted(v)[len(v) // 2] for k, v in speed.items()}
-    return {"ok": not failures, "failures": failures, "max_logit_diff": logit_diff, "greedy_identical": f"{same}/{n}",
+    return {"ok": not failures, "failures": failures, "max_diff": diffs, "greedy_identical": f"{same}/{n}",
             "bytes_per_s_greedy": med}
 
 
-def use_onnx_renderer(gen, run_dir: str | Path):
-    """Make ``gen`` (a sentence-step or autoencoder generator) write bytes through its renderer's ONNX export,
-    exported into ``RUN/onnx-renderer`` and checked on first use."""
+def use_onnx_core(gen, run_dir: str | Path):
+    """Make ``gen`` (a sentence-step or autoencoder generator) run its renderer, planner and encoder stacks
+    through their ONNX exports, written into ``RUN/onnx`` and checked on first use (and again when the run's
+    weights change). Pooling, the quantizer and sampling stay in PyTorch."""
     import sys
 
     _exporter()
     run_dir = Path(run_dir)
-    out = run_dir / RENDERER_DIR
-    cfg = gen.model.renderer.cfg
+    out = run_dir / CORE_DIR
+    m = gen.model
+    steps = {"renderer": RendererStep(m), "planner": PlannerStep(m), "encoder": EncoderStep(m)}
+
+    def open_parts(where: Path) -> dict:
+        # not spinning: each graph is called between PyTorch calls, whose cores spinning threads would take
+        return {k: OnnxLM(where / f"{k}.onnx", steps[k].cfg, spin=False) for k in CORE_PARTS}
+
     if not is_current(out, run_dir):
-        print(f"exporting the renderer of {run_dir} to ONNX{' again (its weights changed)' if out.exists() else ' once'}"
-              f", checked against the PyTorch model, into {out} ...", file=sys.stderr, flush=True)
+        print(f"exporting the renderer, planner and encoder of {run_dir} to ONNX"
+              f"{' again (its weights changed)' if out.exists() else ' once'}, checked against the PyTorch model, "
+              f"into {out} ...", file=sys.stderr, flush=True)
         with atomic_dir(out) as tmp:
-            graph = tmp / "renderer.onnx"
-            write_graph(RendererStep(gen.model), graph)
-            report = check_renderer(gen, OnnxLM(graph, cfg, spin=False))
+            for k, step in steps.items():
+                write_graph(step, tmp / f"{k}.onnx")
+            report = check_core(gen, open_parts(tmp))
             if not report["ok"]:
-                raise SentcodeError(f"the renderer's export failed its check ({'; '.join(report['failures'])}); "
-                                    "nothing was written")
-            write_json(tmp / "export.json", {"format": "onnx", "part": "renderer", "opset": 23,
+                raise SentcodeError(f"the export failed its check ({'; '.join(report['failures'])}); nothing was "
+                                    "written")
+            write_json(tmp / "export.json", {"format": "onnx", "parts": list(CORE_PARTS), "opset": 23,
                                              "weights_stamp": weights_stamp(run_dir), **report})
-    gen.render = OnnxLM(out / "renderer.onnx", cfg, spin=False).render  # called between the planner's torch calls
+    _swap(gen, open_parts(out))
     return gen

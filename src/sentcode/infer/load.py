@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from sentcode.errors import SentcodeError
-from sentcode.infer.export import RENDERER_FAMILIES, export_run, is_current, use_onnx_renderer
+from sentcode.infer.export import CORE_FAMILIES, export_run, is_current, use_onnx_core
 from sentcode.infer.generator import load_export, read_run
 from sentcode.registry import family
 
@@ -20,7 +20,7 @@ def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None, 
     ``renderer`` ("ar" or "nar") picks the renderer that writes a sentence-step run's text (default "ar").
     ``backend="onnx"`` runs a flat LM with ONNX Runtime: from an export directory (``sentcode export``), or
     from the run's own checked export in ``RUN/onnx``, written on first use; for a sentence-step or autoencoder
-    run, its per-byte renderer (``RUN/onnx-renderer``), the planner and encoder staying in PyTorch.
+    run, its renderer, planner and encoder stacks (``RUN/onnx``).
     """
     run_dir = Path(run_dir)
     if backend not in BACKENDS:
@@ -30,10 +30,10 @@ def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None, 
         return load_export(run_dir)
     name = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
     fam = family(name, where=run_dir)
-    if backend == "onnx" and name in RENDERER_FAMILIES:
+    if backend == "onnx" and name in CORE_FAMILIES:
         if str(device) not in ("cpu", "auto"):
             raise SentcodeError(f"the onnx backend runs on the CPU; drop --device {device}")
-        return use_onnx_renderer(fam.resolve("load")(run_dir, device="cpu", renderer=renderer), run_dir)
+        return use_onnx_core(fam.resolve("load")(run_dir, device="cpu", renderer=renderer), run_dir)
     if backend == "onnx":
         if name != "lm":
             raise SentcodeError(f"the onnx backend runs flat LM runs and the renderers of sentence-step and "

@@ -81,12 +81,21 @@ class OnnxLM:
         """``StepLM.render``'s call, for a renderer graph (``RendererStep``)."""
         return self(x, cache, start_pos, pad_mask, cond=cond_pos)
 
+    def stack(self, x: torch.Tensor, start_pos: int = 0, cache: list[LayerCache] | None = None,
+              pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A ``_Stack``'s call (``StepLM.planner``, ``StepLM.encoder`` after its embedding), for a graph from
+        ``PlannerStep`` (vectors in) or ``EncoderStep`` (ids in); returns the final normed states."""
+        return self(x, cache, start_pos, pad_mask)
+
     def __call__(self, idx: torch.Tensor, cache: list[LayerCache] | None = None, start_pos: int = 0,
                  pad_mask: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
-        B, T = idx.shape
+        B, T = idx.shape[:2]
         P = cache[0].length if cache else 0
         positions = torch.arange(start_pos, start_pos + T)
-        feeds = {"idx": idx.numpy()}
+        if "idx" in self.inputs:
+            feeds = {"idx": idx.numpy()}
+        else:  # a stack fed vectors (the planner)
+            feeds = {"x": np.ascontiguousarray(idx.detach().float().numpy())}
         if "cos" in self.inputs:
             if 0 <= start_pos and start_pos + T <= len(self.tables[0]):
                 cos, sin = (t[start_pos:start_pos + T] for t in self.tables)
@@ -94,8 +103,11 @@ class OnnxLM:
                 cos, sin = (t.numpy() for t in rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta))
             feeds["cos"] = np.ascontiguousarray(np.broadcast_to(cos, (B, T, cos.shape[-1])))
             feeds["sin"] = np.ascontiguousarray(np.broadcast_to(sin, (B, T, sin.shape[-1])))
-        if T == 1 and pad_mask is None and self.slopes is None and (self.cfg.attn_window or P + 1) >= P + 1:
-            feeds["mask"] = np.ones((B, 1, 1, P + 1), dtype=bool)  # one query sees every cached key
+        if T == 1 and pad_mask is None and self.slopes is None:  # one query: every cached key inside its window
+            mask = np.ones((B, 1, 1, P + 1), dtype=bool)
+            if self.cfg.attn_window is not None and P + 1 > self.cfg.attn_window:
+                mask[..., : P + 1 - self.cfg.attn_window] = False
+            feeds["mask"] = mask
         else:
             feeds["mask"] = np.ascontiguousarray(attention_mask(self.cfg, B, positions, P + T, pad_mask,
                                                                 self.slopes).numpy())

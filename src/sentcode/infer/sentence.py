@@ -72,6 +72,11 @@ class SentenceGenerator:
     separator = " "  # sentences are written without their whitespace; the pipeline joins them with one space
     default_rerank = 4
 
+    @property
+    def history(self) -> int:
+        """How many earlier sentences the planner reads."""
+        return self.planner.cfg.max_steps - 1
+
     def __init__(self, run_dir: Path, cfg: dict, encoder, rvq, planner, renderer, nocode=None, nar=None,
                  renderer_kind: str = "ar"):
         if renderer_kind not in ("ar", "nar"):

@@ -74,7 +74,16 @@ class StepLMGenerator:
         self.symbols = model.cfg.symbols  # 256 bytes, or the codes of a lower level (segments are then int lists)
         self.bos = specials(self.symbols)[0]
         self.default_rerank = 4 if self.codes else 1
-        self.render = model.render  # the per-byte writer: the model's own, or its ONNX export (``use_onnx_renderer``)
+        # The model's parts that generation calls, replaceable by their ONNX exports (``use_onnx_core``): the
+        # per-byte writer, the planner's stack, and the encoder's stack over ids (None: the model's own).
+        self.render = model.render
+        self.planner = model.planner
+        self.encoder_states = None
+
+    @property
+    def history(self) -> int:
+        """How many earlier segments the planner reads."""
+        return self.model.cfg.max_segments - 1
 
     # ---- pieces -----------------------------------------------------------------------------------------
 
@@ -96,7 +105,8 @@ class StepLMGenerator:
         ctx = before[-self.model.cfg.window:]
         ids = torch.tensor([ctx + x.tolist()], device=self.device)
         seg_ids = torch.tensor([[-1] * len(ctx) + seg.tolist()], device=self.device)
-        e, pooled = self.model.encode_stream(ids, seg_ids, 1)
+        states = None if self.encoder_states is None else self.encoder_states(ids)
+        e, pooled = self.model.encode_stream(ids, seg_ids, 1, states)
         return e[:, 0], pooled[:, 0]
 
     def _codes_of(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +123,10 @@ class StepLMGenerator:
                 state.embeddings = state.embeddings[-(m.cfg.max_segments // 2):]
             inp = torch.cat([m.plan_start[None]] + state.embeddings, 0)[None]
             state.plan_cache = m.planner.new_cache()
-            state.o = m.planner(inp, 0, state.plan_cache)[:, -1]
+            state.o = self.planner(inp, 0, state.plan_cache)[:, -1]
             state.plan_len = inp.shape[1]
         else:
-            state.o = m.planner(e[:, None], state.plan_len, state.plan_cache)[:, -1]
+            state.o = self.planner(e[:, None], state.plan_len, state.plan_cache)[:, -1]
             state.plan_len += 1
 
     def _sample_codes(self, o: torch.Tensor, temperature: float, gen) -> torch.Tensor:

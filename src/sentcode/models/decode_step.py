@@ -32,12 +32,15 @@ def check_exportable(model) -> None:
 class DecodeStep(nn.Module):
     """A stack of ``Block``s between an embedding and a head, as one export graph:
 
-    idx [B, T], cos/sin [B, T, head_dim/2], mask [B, 1 or H, T, P+T], past keys/values (one pair per layer,
-    [B, H_kv, P, head_dim]) and, for a conditioned stack, cond [B, T, d_model] added to the scaled embeddings
-    -> logits [B, T, V] and the present keys/values [B, H_kv, P+T, head_dim]."""
+    idx [B, T] (or, with no embedding, vectors [B, T, d_model]), cos/sin [B, T, head_dim/2], mask [B, 1 or H, T,
+    P+T], past keys/values (one pair per layer, [B, H_kv, P, head_dim]) and, for a conditioned stack, cond
+    [B, T, d_model] added to the scaled embeddings -> logits [B, T, V] (or, with no head, the final normed states
+    [B, T, d_model]) and the present keys/values [B, H_kv, P+T, head_dim]."""
 
-    def __init__(self, cfg, embed: nn.Embedding, blocks: nn.ModuleList, norm, head_weight: torch.Tensor,
-                 embed_scale: float = 1.0):
+    conditioned = False
+
+    def __init__(self, cfg, embed: nn.Embedding | None, blocks: nn.ModuleList, norm,
+                 head_weight: torch.Tensor | None, embed_scale: float = 1.0):
         super().__init__()
         self.cfg, self.embed, self.blocks, self.norm = cfg, embed, blocks, norm
         self.head_weight, self.embed_scale = head_weight, embed_scale
@@ -53,7 +56,7 @@ class DecodeStep(nn.Module):
     def forward(self, idx, cos, sin, mask, past: list[torch.Tensor], cond: torch.Tensor | None = None):
         d = self.cfg.d_model
         nq, nk = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        x = self.embed(idx)
+        x = self.embed(idx) if self.embed is not None else idx
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         if cond is not None:
@@ -72,8 +75,8 @@ class DecodeStep(nn.Module):
             h = F.rms_norm(x, (d,), block.norm2.weight, block.norm2.eps)
             gate, up = (h @ self.gate_up[i]).chunk(2, dim=-1)
             x = x + block.ffn.w_down(F.silu(gate) * up)
-        logits = F.linear(F.rms_norm(x, (d,), self.norm.weight, self.norm.eps), self.head_weight)
-        return (logits, *present)
+        h = F.rms_norm(x, (d,), self.norm.weight, self.norm.eps)
+        return (h if self.head_weight is None else F.linear(h, self.head_weight), *present)
 
 
 class LMStep(DecodeStep):
@@ -88,9 +91,28 @@ class RendererStep(DecodeStep):
     """The renderer of the end-to-end sentence-step core (``StepLM.render``) as a decode graph: byte embeddings
     at sqrt(d_model) scale plus the segment's condition, the renderer stack, the tied head."""
 
+    conditioned = True
+
     def __init__(self, model):
         r = model.renderer
         super().__init__(r.cfg, model.embed, r.blocks, r.norm, model.embed.weight, model.cfg.d_model ** 0.5)
+
+
+class PlannerStep(DecodeStep):
+    """The planner of the end-to-end core (``StepLM.planner``): segment vectors in, its states out, cached."""
+
+    def __init__(self, model):
+        p = model.planner
+        super().__init__(p.cfg, None, p.blocks, p.norm, None)
+
+
+class EncoderStep(DecodeStep):
+    """The byte encoder's stack of the end-to-end core (``StepLM.encoder`` over ``enc_embed``): ids in, states
+    out (called without a cache: the pooling into segment vectors stays in PyTorch)."""
+
+    def __init__(self, model):
+        e = model.encoder
+        super().__init__(e.cfg, model.enc_embed, e.blocks, e.norm, None)
 
 
 def attention_mask(cfg, batch: int, positions: torch.Tensor, n_keys: int, pad_mask: torch.Tensor | None,

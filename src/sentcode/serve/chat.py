@@ -195,7 +195,7 @@ def run_chat(run_dir, temperature: float = 0.8, max_len: int | None = None, top_
     gen = sentcode.load(run_dir, backend=backend)
     chat = Chat(gen, temperature=temperature, max_len=max_len, top_k=top_k, top_p=top_p, seed=seed)
     if chat.sentence:
-        kind = f"sentence-step LM, {gen.planner.cfg.max_steps - 1} sentences of history"
+        kind = f"{family_of(gen).label}, {gen.history} {chat.unit} of history"
     else:
         kind = f"{gen.tokenizer.kind} LM, context {gen.context} tokens"
     chat.say(f"sentcode chat: {run_dir} ({kind}); max {chat.max_len} {chat.unit} per reply, temperature "

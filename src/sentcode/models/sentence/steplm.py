@@ -267,9 +267,10 @@ class StepLM(nn.Module):
 
     # ---- parts ---------------------------------------------------------------------------------------
 
-    def encode_stream(self, x: torch.Tensor, seg: torch.Tensor, n_seg: int):
-        """Encoder pass over stream ids x [B, T] -> (e [B, n_seg, d_plan], pooled [B, n_seg, enc_d_model])."""
-        h = self.encoder(self.enc_embed(x))
+    def encode_stream(self, x: torch.Tensor, seg: torch.Tensor, n_seg: int, states: torch.Tensor | None = None):
+        """Encoder pass over stream ids x [B, T] -> (e [B, n_seg, d_plan], pooled [B, n_seg, enc_d_model]).
+        ``states``: the encoder stack's output for x when computed elsewhere (an exported encoder)."""
+        h = self.encoder(self.enc_embed(x)) if states is None else states
         scores = None
         if self.cfg.pool == "attention":
             B, T, _ = h.shape
