@@ -86,7 +86,7 @@ def main() -> None:
             speed[name]["batch8"].append(_batch8(g.model, prompt, args.bytes, r))
     step_rows = []
     for run in args.steplm:  # the core on both backends, in turn; bytes/s of whole requests
-        from sentcode.infer.export import use_onnx_core
+        from sentcode.infer.export_core import use_onnx_core
 
         step = {"torch": sentcode.load(run)}
         step["onnx"] = use_onnx_core(sentcode.load(run), run)

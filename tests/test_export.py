@@ -193,7 +193,7 @@ def test_cli_export_and_generate_with_the_backend(trained_run, tmp_path):
 def test_core_export_writes_the_same_text(levels, tmp_path):
     """A sentence-step generator running its renderer, planner and encoder through their ONNX exports: the same
     text, greedy and sampled, one by one and batched, with codes and reranking too."""
-    from sentcode.infer.export import CORE_DIR, use_onnx_core
+    from sentcode.infer.export_core import CORE_DIR, use_onnx_core
     from sentcode.infer.steplm import StepLMGenerator
     from sentcode.models.sentence.steplm import StepLM, StepLMConfig, StepLMModelConfig
 

@@ -13,13 +13,9 @@ is not written.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,27 +26,16 @@ from sentcode.errors import SentcodeError
 from sentcode.eval.bpb import evaluate_bpb
 from sentcode.infer.engine import generate_ids
 from sentcode.infer.generator import load_lm, read_run
-from sentcode.infer.onnx_lm import ONNX_EXTRA, OnnxLM, import_onnxruntime
+from sentcode.infer.onnx_graph import (GREEDY_PROMPTS, LOGIT_TOL, quiet, require_exporter, weights_stamp,
+                                       write_graph)
+from sentcode.infer.onnx_lm import OnnxLM
 from sentcode.io import atomic_dir, write_json
-from sentcode.models.decode_step import EncoderStep, LMStep, PlannerStep, RendererStep, check_exportable
-
-log = logging.getLogger(__name__)
+from sentcode.models.decode_step import LMStep, check_exportable
 
 FORMATS = ("onnx",)
 QUANTIZE = ("int8",)
-LOGIT_TOL = 1e-3  # fp32: largest logit difference allowed, relative to the largest logit magnitude (at least 1)
 CHECK_TOKENS = 4096  # held-out tokens scored by both models
-GREEDY_PROMPTS = 6
 GREEDY_TOKENS = 48
-
-
-def _exporter():
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise SentcodeError(f"export needs the ONNX exporter: pip install 'sentcode[{ONNX_EXTRA}]'") from None
-    import_onnxruntime()
 
 
 def _held_out_tokens(gen) -> tuple[np.ndarray, str]:
@@ -66,57 +51,12 @@ def _held_out_tokens(gen) -> tuple[np.ndarray, str]:
     return np.array(gen.tokenizer.encode(text)[:CHECK_TOKENS], dtype=np.int64), "bundled sample text"
 
 
-def write_graph(step, path: Path) -> None:
-    """Trace a ``DecodeStep`` into ``path`` (batch, query length and cache length left dynamic)."""
-    step = step.eval()
-    cfg, cond = step.cfg, step.conditioned
-    hd = cfg.d_model // cfg.n_head
-    B, T, P = 2, 3, 4  # sizes above 1, so that the exporter does not specialise them
-    past = [torch.zeros(B, cfg.n_kv_head, P, hd) for _ in range(2 * cfg.n_layer)]
-    first = torch.zeros(B, T, dtype=torch.long) if step.embed is not None else torch.zeros(B, T, cfg.d_model)
-    args = (first, torch.ones(B, T, hd // 2), torch.zeros(B, T, hd // 2),
-            torch.ones(B, 1 if cfg.pos == "rope" else cfg.n_head, T, P + T,
-                       dtype=torch.bool if cfg.pos == "rope" else torch.float32), past)
-    Bd, Td, Pd, Kd = (torch.export.Dim(n) for n in ("batch", "query", "past", "keys"))
-    shapes = {"idx": {0: Bd, 1: Td}, "cos": {0: Bd, 1: Td}, "sin": {0: Bd, 1: Td}, "mask": {0: Bd, 2: Td, 3: Kd},
-              "past": [{0: Bd, 2: Pd}] * (2 * cfg.n_layer)}
-    names = [f"past_{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
-    if cond:
-        args = (*args, torch.zeros(B, T, cfg.d_model))
-        shapes["cond"] = {0: Bd, 1: Td}
-        names.append("cond")
-    outs = [f"present_{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
-    with torch.no_grad(), _quiet():
-        program = torch.onnx.export(step, args, dynamic_shapes=shapes, dynamo=True, opset_version=23,
-                                    input_names=["idx" if step.embed is not None else "x", "cos", "sin", "mask",
-                                                 *names],
-                                    output_names=["logits" if step.head_weight is not None else "hidden", *outs],
-                                    optimize=True, verbose=False)
-        program.save(str(path))
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporter prints its progress and warnings; the command prints its own."""
-    names = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir", "onnxruntime.quantization.matmul_nbits_quantizer")
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, lvl in levels.items():
-            logging.getLogger(n).setLevel(lvl)
-
-
 def quantize_int8(src: Path, dst: Path) -> None:
     """Weight-only int8 (blocks of 32, symmetric) for every matrix product, by ONNX Runtime's quantizer."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    with _quiet():
+    with quiet():
         q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True, bits=8, accuracy_level=4)
         q.process()
         q.model.save_model_to_file(str(dst))
@@ -165,21 +105,6 @@ def check_export(torch_model, onnx_model, tokens: np.ndarray, tokenizer, quantiz
             "tokens_per_s_batch1": speed, "check_tokens": int(len(tokens))}
 
 
-def weights_stamp(run_dir: Path) -> str:
-    """Names, sizes and times of a run's weight files: an export made from other weights is stale."""
-    run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("*.safetensors")) + sorted((run_dir / "checkpoints").glob("*"))
-    return ";".join(f"{p.relative_to(run_dir)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-
-
-def is_current(export_dir: Path, run_dir: Path) -> bool:
-    """``export_dir`` holds a checked export of ``run_dir``'s present weights."""
-    try:
-        return json.loads((export_dir / "export.json").read_text()).get("weights_stamp") == weights_stamp(run_dir)
-    except (OSError, ValueError):
-        return False
-
-
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize: str | None = None,
                max_bpb_cost: float = 0.01, replace: bool = False) -> dict:
     """Export, check, and write ``out`` (which must not exist or be empty, unless ``replace``: a stale export
@@ -197,7 +122,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize
     name = cfg_dict.get("family", "lm") if isinstance(cfg_dict, dict) else "lm"
     if name != "lm":
         raise SentcodeError(f"export supports flat LM runs only yet; {run_dir} is a {name!r} run")
-    _exporter()
+    require_exporter()
     gen = load_lm(run_dir)  # raises for a run with no trained weights
     model = gen.model.float().eval()
     check_exportable(model)
@@ -232,98 +157,3 @@ def read_export(path: Path) -> dict:
         raise SentcodeError(f"{path} has a corrupt export.json ({type(e).__name__})") from None
 
 
-# ---- the end-to-end sentence-step core (families steplm and hier): renderer, planner, encoder -------------------
-
-CORE_DIR = "onnx"  # inside the run directory
-CORE_FAMILIES = ("steplm", "hier")
-CORE_PARTS = ("renderer", "planner", "encoder")
-
-
-def _timed_text(gen, prompt: str, **kw) -> tuple[str, float]:
-    t = time.perf_counter()
-    text = gen.generate(prompt, **kw)
-    return text, len(text.encode()) / max(time.perf_counter() - t, 1e-9)
-
-
-def _swap(gen, parts: dict | None) -> None:
-    """Point ``gen`` at the exported parts (``parts``), or back at its model's own (None)."""
-    m = gen.model
-    gen.render = parts["renderer"].render if parts else m.render
-    gen.planner = parts["planner"].stack if parts else m.planner
-    gen.encoder_states = parts["encoder"].stack if parts else None
-
-
-def check_core(gen, parts: dict) -> dict:
-    """The exported parts beside ``gen``'s model: each part's output on real inputs (the renderer under a real
-    planner condition), greedy continuations of sample prompts with every part swapped, and the speed of both."""
-    from sentcode.corpus.sources import load_documents
-
-    m = gen.model
-    text = load_documents("sample")[-1].text
-    _swap(gen, None)
-    state, _ = gen._prime(gen.segments(text[:400]))
-    W = m.cfg.window
-    ids = torch.tensor([[gen.bos] + list(text[400:400 + 3 * W].encode())[: 3 * W]])
-    cond = m.condition(state.o, None)[:, None].expand(1, ids.shape[1], -1)
-    vectors = torch.cat([m.plan_start[None]] + state.embeddings, 0)[None]
-    with torch.no_grad():
-        pairs = {"renderer": (m.render(ids, cond, 0, None), parts["renderer"].render(ids, cond, 0, m.renderer.new_cache())),
-                 "planner": (m.planner(vectors), parts["planner"].stack(vectors)),
-                 "encoder": (m.encoder(m.enc_embed(ids)), parts["encoder"].stack(ids))}
-    diffs = {k: float((a - b).abs().max()) for k, (a, b) in pairs.items()}
-    scales = {k: max(1.0, float(a.abs().max())) for k, (a, _) in pairs.items()}
-    for p in (None, parts):  # warm-up: first calls allocate
-        _swap(gen, p)
-        gen.generate(text[:60], max_sentences=1, temperature=0.0)
-    same, n, speed = 0, 0, {"torch": [], "onnx": []}
-    for doc in load_documents("sample")[-GREEDY_PROMPTS:]:
-        prompt = doc.text[:120]
-        _swap(gen, None)
-        a, sa = _timed_text(gen, prompt, max_sentences=2, temperature=0.0)
-        _swap(gen, parts)
-        b, sb = _timed_text(gen, prompt, max_sentences=2, temperature=0.0)
-        same += a == b
-        n += 1
-        speed["torch"].append(sa)
-        speed["onnx"].append(sb)
-    _swap(gen, None)
-    failures = [f"the {k}'s outputs differ by {d:.2e} (tolerance {LOGIT_TOL * scales[k]:.2e})"
-                for k, d in diffs.items() if d > LOGIT_TOL * scales[k]]
-    if same < n:
-        failures.append(f"{n - same} of {n} greedy continuations differ")
-    med = {k: sorted(v)[len(v) // 2] for k, v in speed.items()}
-    return {"ok": not failures, "failures": failures, "max_diff": diffs, "greedy_identical": f"{same}/{n}",
-            "bytes_per_s_greedy": med}
-
-
-def use_onnx_core(gen, run_dir: str | Path):
-    """Make ``gen`` (a sentence-step or autoencoder generator) run its renderer, planner and encoder stacks
-    through their ONNX exports, written into ``RUN/onnx`` and checked on first use (and again when the run's
-    weights change). Pooling, the quantizer and sampling stay in PyTorch."""
-    import sys
-
-    _exporter()
-    run_dir = Path(run_dir)
-    out = run_dir / CORE_DIR
-    m = gen.model
-    steps = {"renderer": RendererStep(m), "planner": PlannerStep(m), "encoder": EncoderStep(m)}
-
-    def open_parts(where: Path) -> dict:
-        # not spinning: each graph is called between PyTorch calls, whose cores spinning threads would take
-        return {k: OnnxLM(where / f"{k}.onnx", steps[k].cfg, spin=False) for k in CORE_PARTS}
-
-    if not is_current(out, run_dir):
-        print(f"exporting the renderer, planner and encoder of {run_dir} to ONNX"
-              f"{' again (its weights changed)' if out.exists() else ' once'}, checked against the PyTorch model, "
-              f"into {out} ...", file=sys.stderr, flush=True)
-        with atomic_dir(out) as tmp:
-            for k, step in steps.items():
-                write_graph(step, tmp / f"{k}.onnx")
-            report = check_core(gen, open_parts(tmp))
-            if not report["ok"]:
-                raise SentcodeError(f"the export failed its check ({'; '.join(report['failures'])}); nothing was "
-                                    "written")
-            write_json(tmp / "export.json", {"format": "onnx", "parts": list(CORE_PARTS), "opset": 23,
-                                             "weights_stamp": weights_stamp(run_dir), **report})
-    _swap(gen, open_parts(out))
-    return gen

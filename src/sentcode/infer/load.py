@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 from sentcode.errors import SentcodeError
-from sentcode.infer.export import CORE_FAMILIES, export_run, is_current, use_onnx_core
+from sentcode.infer.export import export_run
+from sentcode.infer.export_core import CORE_FAMILIES, use_onnx_core
+from sentcode.infer.onnx_graph import is_current
 from sentcode.infer.generator import load_export, read_run
 from sentcode.registry import family
 

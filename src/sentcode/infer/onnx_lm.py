@@ -49,8 +49,8 @@ def ort_session(path: Path, threads: int | None = None, spin: bool = True):
 
 
 class OnnxLM:
-    """A graph from ``LMStep`` or ``RendererStep`` in an ONNX Runtime session (CPU); ``cfg``: its stack's
-    ``ModelConfig``."""
+    """A graph from a ``DecodeStep`` (the flat LM, or the renderer, planner or encoder stack of the sentence-step
+    core) in an ONNX Runtime session (CPU); ``cfg``: its stack's ``ModelConfig``."""
 
     device = torch.device("cpu")
     training = False
