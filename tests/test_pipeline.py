@@ -324,6 +324,8 @@ def test_side_by_side_demo(tmp_path, capsys):
         assert row["bytes_s"] > 0 and row["params"] > 0 and 0 < row["bpb"] < 20
         assert row["model"] in out and (0 <= row["real_words"] <= 1 or row["real_words"] != row["real_words"])
     assert "[flat LM (bpe)]" in out and "[sentence-step LM]" in out and "occur in the training text" in out
+    assert f"generation on {r['engine']}" in out
+    assert r["engine"].startswith("ONNX Runtime") or "ONNX export was not used" in r["engine"]  # dev installs onnx
 
 
 def test_word_share_counts_words_of_the_training_text():

@@ -75,6 +75,22 @@ def _speed(fn, runs: int = 3) -> tuple[float, list[str]]:
     return sum(len(x.encode()) for x in texts[1:]) / (time.perf_counter() - t), texts
 
 
+def _fastest(run: Path, torch_gen):
+    """The run on ONNX Runtime when the ``onnx`` extra is installed (a checked export, written into the run),
+    else its PyTorch generator; and a line saying which generates."""
+    import importlib.util
+
+    import sentcode
+    from sentcode.errors import SentcodeError
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
+        return torch_gen, "PyTorch (pip install 'sentcode[onnx]' for ONNX Runtime, about 2 x faster)"
+    try:
+        return sentcode.load(run, backend="onnx"), "ONNX Runtime (exports checked against PyTorch)"
+    except SentcodeError as e:  # an export that failed its check: the demo goes on with PyTorch
+        return torch_gen, f"PyTorch (the ONNX export was not used: {e})"
+
+
 def _train_vocabulary(corpus: str) -> set[str]:
     """The words of the corpus's training split."""
     from sentcode.corpus.splits import load_corpus
@@ -105,14 +121,17 @@ def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float
     from sentcode.eval.words import word_share
 
     g = sentcode.load(run)
+    n_flat, n_sent = sum(p.numel() for p in flat["generator"].model.parameters()), g.model.num_params()
+    fast_flat, engine = _fastest(flat["run"], flat["generator"])
+    fast_sent, engine_sent = _fastest(run, g) if engine.startswith("ONNX") else (g, engine)
     vocab = _train_vocabulary(corpus)
     prompt = SENTENCE_PROMPTS[0]
     rows = []
     for name, bpb, n, fn in (
-        (f"flat LM ({TOKENIZER})", flat["eval"]["bpb"], sum(p.numel() for p in flat["generator"].model.parameters()),
-         lambda seed: flat["generator"].generate(prompt, max_bytes=240, temperature=TEMPERATURE, seed=seed)),
-        ("sentence-step LM", sent["eval"]["bpb"], g.model.num_params(),
-         lambda seed: g.generate(prompt, max_sentences=3, temperature=TEMPERATURE, seed=seed)),
+        (f"flat LM ({TOKENIZER})", flat["eval"]["bpb"], n_flat,
+         lambda seed: fast_flat.generate(prompt, max_bytes=240, temperature=TEMPERATURE, seed=seed)),
+        ("sentence-step LM", sent["eval"]["bpb"], n_sent,
+         lambda seed: fast_sent.generate(prompt, max_sentences=3, temperature=TEMPERATURE, seed=seed)),
     ):
         speed, texts = _speed(fn)
         share, n_words = word_share(texts, vocab)
@@ -120,6 +139,7 @@ def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float
     print(f"\n{'model':<18} {'test bpb':>9} {'params':>10} {'bytes/s':>9} {'real words':>11}")
     for name, bpb, n, speed, share, *_ in rows:
         print(f"{name:<18} {bpb:>9.4f} {n:>10,} {speed:>9.1f} {share:>10.0%}")
+    print(f"generation on {engine}" + ("" if engine_sent == engine else f"; the sentence-step LM on {engine_sent}"))
     print("(both bits per byte of the same test split; bytes/s at batch 1 with KV caches; the flat LM reads BPE "
           "tokens, each a few bytes, the sentence-step LM runs its 2-layer byte renderer per byte and its planner "
           "once per sentence; real words: the share of the generated words, over 4 samples each, that occur in "
@@ -129,7 +149,8 @@ def run_demo(out: str | Path = "runs/demo", corpus: str = "sotu", minutes: float
         print(f"\n[{name}] {share:.0%} of this sample's {k} words occur in the training text\n> {prompt}{sample}")
     print(f"\nrun directories: {flat['run']} and {run}")
     return {"flat": flat["eval"], "sentence": sent["eval"],
-            "table": [{"model": r[0], "bpb": r[1], "params": r[2], "bytes_s": r[3], "real_words": r[4]} for r in rows]}
+            "table": [{"model": r[0], "bpb": r[1], "params": r[2], "bytes_s": r[3], "real_words": r[4]} for r in rows],
+            "engine": engine, "engine_sentence": engine_sent}
 
 
 def run_sentence_demo(out: str | Path = "runs/demo", corpus: str = "sotu") -> dict:
