@@ -156,6 +156,21 @@ def test_export_refusals_write_nothing(trained_run, sentence_run, tmp_path, monk
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
 
 
+def test_a_run_the_backend_cannot_write_into_is_one_line(trained_run, tmp_path, monkeypatch):
+    from sentcode.infer import export as ex
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run, ignore=shutil.ignore_patterns("onnx"))
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ex, "atomic_dir", read_only)
+    with pytest.raises(SentcodeError, match="cannot write the ONNX export into .*Permission denied.*sentcode export"):
+        sentcode.load(run, backend="onnx")
+    assert not (run / "onnx").exists()
+
+
 def test_dual_ffn_is_refused_by_name():
     cfg = ModelConfig(vocab_size=40, d_model=32, n_layer=1, n_head=4, n_kv_head=2, max_seq_len=16, ffn="dual")
     with pytest.raises(SentcodeError, match="dual-FFN"):

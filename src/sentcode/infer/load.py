@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from sentcode.infer.generator import load_export, read_run
 from sentcode.registry import family
 
 BACKENDS = ("torch", "onnx")
+
+
+@contextlib.contextmanager
+def _writable(run_dir: Path):
+    """The backend keeps its checked export inside the run: say so in one line when it cannot write there."""
+    try:
+        yield
+    except OSError as e:
+        raise SentcodeError(f"cannot write the ONNX export into {run_dir / ONNX_DIR} ({e.strerror or e}); for a "
+                            f"flat LM, `sentcode export {run_dir} --out DIR` writes it elsewhere and DIR loads "
+                            "directly") from None
 ONNX_DIR = "onnx"  # where ``backend="onnx"`` keeps a run's checked export
 
 
@@ -35,7 +47,8 @@ def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None, 
     if backend == "onnx" and name in CORE_FAMILIES:
         if str(device) not in ("cpu", "auto"):
             raise SentcodeError(f"the onnx backend runs on the CPU; drop --device {device}")
-        return use_onnx_core(fam.resolve("load")(run_dir, device="cpu", renderer=renderer), run_dir)
+        with _writable(run_dir):
+            return use_onnx_core(fam.resolve("load")(run_dir, device="cpu", renderer=renderer), run_dir)
     if backend == "onnx":
         if name != "lm":
             raise SentcodeError(f"the onnx backend runs flat LM runs and the renderers of sentence-step and "
@@ -49,6 +62,7 @@ def load(run_dir: str | Path, device: str = "cpu", renderer: str | None = None, 
             again = (onnx_dir / "export.json").is_file()
             print(f"exporting {run_dir} to ONNX {'again (its weights changed)' if again else 'once'}, checked against "
                   f"the PyTorch model, into {onnx_dir} ...", file=sys.stderr, flush=True)
-            export_run(run_dir, onnx_dir, replace=True)
+            with _writable(run_dir):
+                export_run(run_dir, onnx_dir, replace=True)
         return load_export(onnx_dir)
     return fam.resolve("load")(run_dir, device=device, renderer=renderer)
