@@ -213,3 +213,23 @@ def test_state_dict_round_trip_and_mismatch(fitted, data):
     outer.rvq = ResidualVQ(DIM, LEVELS, 2 * V)
     with pytest.raises(ValueError, match="ResidualVQ state does not match"):
         outer.load_state_dict({f"rvq.{k}": v for k, v in state.items()})
+
+
+def test_commitment_in_the_input_space_does_not_grow_as_the_spread_shrinks():
+    """The mechanism behind collapsed autoencoder codebooks: with standardised inputs, a commitment loss taken in
+    the standardised space pulls the encoder with a force that grows as 1 / spread, so a shrinking spread pulls
+    harder; taken in the input's own space (the VQ-VAE form) it does not."""
+    grads = {}
+    for space in ("z", "input"):
+        for spread in (1e-1, 1e-3):
+            torch.manual_seed(0)
+            vq = ResidualVQ(8, 1, 16, normalize="running", commit_space=space).train()
+            x = (3.0 + spread * torch.randn(256, 8)).requires_grad_(True)
+            vq(x.detach())  # statistics and codebook from this data
+            _, _, loss = vq(x)
+            loss.backward()
+            grads[space, spread] = float(x.grad.norm())
+    assert grads["z", 1e-3] / grads["z", 1e-1] > 50  # ~ 1 / spread: a smaller spread is pulled harder
+    assert grads["input", 1e-3] / grads["input", 1e-1] < 0.05  # ~ spread: the pull fades with the spread
+    with pytest.raises(ValueError, match="commit_space"):
+        ResidualVQ(8, 1, 16, commit_space="sideways")

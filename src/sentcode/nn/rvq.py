@@ -139,6 +139,7 @@ class ResidualVQ(nn.Module):
         dead_threshold: float = 0.01,
         commitment: float = 0.25,
         normalize: str | None = None,
+        commit_space: str = "z",
     ):
         super().__init__()
         if dim < 1 or levels < 1:
@@ -150,6 +151,8 @@ class ResidualVQ(nn.Module):
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+        if commit_space not in ("z", "input"):
+            raise ValueError(f"commit_space must be z or input, got {commit_space!r}")
         self.dim = dim
         self.levels = levels
         self.codebook_sizes = [int(k) for k in sizes]
@@ -158,6 +161,9 @@ class ResidualVQ(nn.Module):
         self.dead_threshold = dead_threshold
         self.commitment = commitment
         self.normalize = normalize
+        # Where the commitment loss pulls the input toward its centroid: in the standardised space ("z"), whose
+        # gradient to the input grows as 1 / scale, or in the input's own space ("input", the VQ-VAE form).
+        self.commit_space = commit_space
         self.books = nn.ModuleList(_Codebook(k, dim) for k in self.codebook_sizes)
         if normalize is not None:
             self.register_buffer("mean", torch.zeros(dim))
@@ -242,7 +248,12 @@ class ResidualVQ(nn.Module):
                 codes, residuals = self._quantize(z.detach(), init_from_batch=self.training and flat.shape[0] > 0)
                 s = self._sum_z(codes)
                 out = self._from_z(s)
-            loss = self.commitment * F.mse_loss(z, s) if flat.shape[0] else z.sum() * 0.0
+            if not flat.shape[0]:
+                loss = z.sum() * 0.0
+            elif self.commit_space == "z":
+                loss = self.commitment * F.mse_loss(z, s)
+            else:
+                loss = self.commitment * F.mse_loss(flat, out)
             if self.training and flat.shape[0]:
                 with torch.no_grad():
                     for book, r, c in zip(self.books, residuals, codes.unbind(-1)):

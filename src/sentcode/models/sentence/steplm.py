@@ -64,6 +64,7 @@ class StepLMModelConfig:
     vq_decay: float = 0.99  # EMA decay of the codebooks' statistics
     vq_restart: float = 0.01  # a code whose EMA use falls below this share of a uniform code's is restarted
     vq_norm: str = "running"  # how the quantizer standardises its inputs in training: running | batch statistics
+    vq_commit: str = "z"  # the commitment loss in the standardised space (z) or the encoder's own (input)
     code_dropout: float = 0.1  # share of training segments rendered without their codes (the no-code mode)
     context_dropout: float = 0.0  # share of training segments whose bytes see no earlier byte: the planner's
     # state is then their only view of the past, so the renderer must learn to read it; at 1, no segment sees an
@@ -99,6 +100,8 @@ class StepLMModelConfig:
             raise ConfigError("model.max_segment_bytes must be at least 4")
         if self.levels < 0:
             raise ConfigError("model.levels must be >= 0 (0: codes off)")
+        if self.vq_commit not in ("z", "input"):
+            raise ConfigError(f"model.vq_commit must be z or input, got {self.vq_commit!r}")
         if self.vq_norm not in ("running", "batch"):
             raise ConfigError(f"model.vq_norm must be running or batch, got {self.vq_norm!r}")
         if not 0 < self.vq_decay < 1 or not 0 <= self.vq_restart < 1:
@@ -253,7 +256,7 @@ class StepLM(nn.Module):
         if c.levels:
             self.to_code = nn.Linear(c.enc_d_model, c.d_code, bias=False)
             self.rvq = ResidualVQ(c.d_code, c.levels, c.codebook_size, decay=c.vq_decay, dead_threshold=c.vq_restart,
-                                  commitment=c.commitment, normalize=c.vq_norm)
+                                  commitment=c.commitment, normalize=c.vq_norm, commit_space=c.vq_commit)
             self.code_in = nn.Linear(c.d_code, c.d_model, bias=False)
             self.code_heads = nn.ModuleList(nn.Linear(c.d_plan, c.codebook_size, bias=False) for _ in range(c.levels))
             # level l's head reads o + the embeddings of the codes already chosen at levels < l
