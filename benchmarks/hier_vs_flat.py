@@ -76,6 +76,8 @@ def row(work: Path, name: str) -> dict:
     t = time.time()
     ev = evaluate(g, name, run)
     ev["eval_s"] = time.time() - t
+    if isinstance(ev.get("source"), str):  # results name paths relative to the project, not this machine's
+        ev["source"] = ev["source"].replace(f"{Path.cwd()}/", "")
     if name == "flat":
         gen = lambda s: g.generate(PROMPT, max_bytes=300, temperature=0.8, seed=s)  # noqa: E731
     else:
