@@ -17,7 +17,6 @@ what it measured.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -27,13 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
+from train_throughput import measure  # noqa: E402
 
 from sentcode.config import load_config  # noqa: E402
 from sentcode.infer.batch import BatchRequest, generate_batch  # noqa: E402
 from sentcode.infer.engine import generate_ids  # noqa: E402
 from sentcode.models.lm import LM  # noqa: E402
-from sentcode.train.loop import build_optimizer  # noqa: E402
-from sentcode.train.precision import autocast, peak_flops  # noqa: E402
 
 QUICK = ["model.d_model=64", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=64",
          "train.seq_len=64", "train.micro_batch=4", "train.batch_tokens=256"]
@@ -42,35 +40,6 @@ QUICK = ["model.d_model=64", "model.n_layer=2", "model.n_head=4", "model.n_kv_he
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def train_speed(preset, overrides, device, precision, steps, compile_model) -> dict:
-    cfg = load_config(preset, overrides)
-    torch.manual_seed(0)
-    model = LM(cfg.model).to(device)
-    run = torch.compile(model) if compile_model else model
-    opt = build_optimizer(model, cfg.train, device)
-    B, T = cfg.train.micro_batch, cfg.train.seq_len
-    x = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
-    y = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
-    times = []
-    for i in range(steps + 3):
-        sync(device)
-        t = time.perf_counter()
-        with autocast(device, precision):
-            loss = model.loss(x, y) if run is model else run.loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        if i >= 3:  # warm-up (and compilation) first
-            times.append(time.perf_counter() - t)
-    tok_s = B * T / statistics.median(times)
-    flops = model.flops_per_token(T) * tok_s
-    return {"preset": preset, "params": model.num_params(non_embedding=False), "micro_batch": B, "seq_len": T,
-            "tok_s": tok_s, "tflops": flops / 1e12, "mfu": flops / peak_flops(device.type, precision),
-            "compiled": compile_model}
 
 
 @torch.no_grad()
@@ -109,7 +78,7 @@ def main() -> None:
     name = args.out_name + ("_quick" if args.quick else "")
     t0 = time.perf_counter()
     for preset in ("small", "base"):
-        r = train_speed(preset, over, device, precision, steps, args.compile)
+        r = measure(preset, precision, steps, device, over, args.compile)
         out["train"].append(r)
         print(f"train {preset}: {r['tok_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}", flush=True)
         save(name, out)

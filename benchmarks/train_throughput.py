@@ -28,10 +28,12 @@ from sentcode.train.loop import build_optimizer  # noqa: E402
 from sentcode.train.precision import autocast, cpu_has_fast_bf16, peak_flops  # noqa: E402
 
 
-def measure(preset: str, precision: str, steps: int, device: torch.device) -> dict:
-    cfg = load_config(preset)
+def measure(preset: str, precision: str, steps: int, device: torch.device, overrides: list[str] | None = None,
+            compile_model: bool = False) -> dict:
+    cfg = load_config(preset, overrides)
     torch.manual_seed(0)
     model = LM(cfg.model).to(device)
+    run = torch.compile(model) if compile_model else model
     opt = build_optimizer(model, cfg.train, device)
     B, T = cfg.train.micro_batch, cfg.train.seq_len
     x = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
@@ -40,7 +42,7 @@ def measure(preset: str, precision: str, steps: int, device: torch.device) -> di
     for i in range(steps + 2):
         t = time.perf_counter()
         with autocast(device, precision):
-            loss = lm_loss(model, (x, y))
+            loss = lm_loss(run, (x, y))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -55,7 +57,7 @@ def measure(preset: str, precision: str, steps: int, device: torch.device) -> di
     return {"preset": preset, "precision": precision, "params": model.num_params(non_embedding=False),
             "micro_batch": B, "seq_len": T, "step_s": dt, "tok_s": tok_s,
             "tflops": model.flops_per_token(T) * tok_s / 1e12, "peak_tflops": peak / 1e12,
-            "mfu": model.flops_per_token(T) * tok_s / peak}
+            "mfu": model.flops_per_token(T) * tok_s / peak, "compiled": compile_model}
 
 
 def main() -> None:

@@ -140,7 +140,7 @@ def test_export_refusals_write_nothing(trained_run, sentence_run, tmp_path, monk
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     with pytest.raises(SentcodeError, match="flat LM runs only"):
         ex.export_run(sentence_run, tmp_path / "s")
-    with pytest.raises(SentcodeError, match="onnx backend runs flat LM runs and the renderers"):
+    with pytest.raises(SentcodeError, match="onnx backend runs flat LM, sentence-step and autoencoder runs"):
         sentcode.load(sentence_run, backend="onnx")
     with pytest.raises(SentcodeError, match="unknown backend"):
         sentcode.load(trained_run[0], backend="tensorrt")
@@ -208,7 +208,8 @@ def test_cli_export_and_generate_with_the_backend(trained_run, tmp_path):
 def test_core_export_writes_the_same_text(levels, tmp_path):
     """A sentence-step generator running its renderer, planner and encoder through their ONNX exports: the same
     text, greedy and sampled, one by one and batched, with codes and reranking too."""
-    from sentcode.infer.export_core import CORE_DIR, use_onnx_core
+    from sentcode.infer.export_core import use_onnx_core
+    from sentcode.infer.onnx_graph import RUN_EXPORT_DIR
     from sentcode.infer.steplm import StepLMGenerator
     from sentcode.models.sentence.steplm import StepLM, StepLMConfig, StepLMModelConfig
 
@@ -219,7 +220,7 @@ def test_core_export_writes_the_same_text(levels, tmp_path):
     model = StepLM(cfg).eval()
     ref = StepLMGenerator(model, StepLMConfig())
     fast = use_onnx_core(StepLMGenerator(model, StepLMConfig()), tmp_path)
-    report = json.loads((tmp_path / CORE_DIR / "export.json").read_text())
+    report = json.loads((tmp_path / RUN_EXPORT_DIR / "export.json").read_text())
     assert report["ok"] and report["greedy_identical"] == "6/6" and set(report["max_diff"]) == {
         "renderer", "planner", "encoder"}
     assert all(type(f.__self__).__name__ == "OnnxLM" for f in (fast.render, fast.planner, fast.encoder_states))

@@ -13,7 +13,6 @@ is not written.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -148,12 +147,3 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", quantize
                 "opset": 23, "weights_stamp": weights_stamp(run_dir), **report}
         write_json(tmp / "export.json", info)
     return info
-
-
-def read_export(path: Path) -> dict:
-    try:
-        return json.loads((path / "export.json").read_text())
-    except (OSError, ValueError) as e:
-        raise SentcodeError(f"{path} has a corrupt export.json ({type(e).__name__})") from None
-
-

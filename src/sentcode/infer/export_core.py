@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 
 from sentcode.errors import SentcodeError
-from sentcode.infer.onnx_graph import (GREEDY_PROMPTS, LOGIT_TOL, is_current, require_exporter, weights_stamp,
-                                       write_graph)
+from sentcode.infer.onnx_graph import (GREEDY_PROMPTS, LOGIT_TOL, RUN_EXPORT_DIR, is_current, require_exporter,
+                                       weights_stamp, write_graph)
 from sentcode.infer.onnx_lm import OnnxLM
 from sentcode.io import atomic_dir, write_json
 from sentcode.models.decode_step import EncoderStep, PlannerStep, RendererStep
 
-CORE_DIR = "onnx"  # inside the run directory
 CORE_FAMILIES = ("steplm", "hier")
 CORE_PARTS = ("renderer", "planner", "encoder")
 
@@ -86,7 +85,7 @@ def use_onnx_core(gen, run_dir: str | Path):
     weights change). Pooling, the quantizer and sampling stay in PyTorch."""
     require_exporter()
     run_dir = Path(run_dir)
-    out = run_dir / CORE_DIR
+    out = run_dir / RUN_EXPORT_DIR
     m = gen.model
     steps = {"renderer": RendererStep(m), "planner": PlannerStep(m), "encoder": EncoderStep(m)}
 

@@ -59,7 +59,6 @@ class OnnxLM:
         self.cfg = cfg
         self.session = ort_session(path, threads, spin)
         self.inputs = {i.name for i in self.session.get_inputs()}
-        self.outputs = [o.name for o in self.session.get_outputs()]
         self.head_dim = cfg.d_model // cfg.n_head
         self.slopes = alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None
         # Rotary tables for the positions a token loop uses most (0 .. 2 contexts, at most 8,192), computed once by
@@ -91,7 +90,6 @@ class OnnxLM:
                  pad_mask: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape[:2]
         P = cache[0].length if cache else 0
-        positions = torch.arange(start_pos, start_pos + T)
         if "idx" in self.inputs:
             feeds = {"idx": idx.numpy()}
         else:  # a stack fed vectors (the planner)
@@ -100,7 +98,8 @@ class OnnxLM:
             if 0 <= start_pos and start_pos + T <= len(self.tables[0]):
                 cos, sin = (t[start_pos:start_pos + T] for t in self.tables)
             else:
-                cos, sin = (t.numpy() for t in rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta))
+                pos = torch.arange(start_pos, start_pos + T)
+                cos, sin = (t.numpy() for t in rope_cos_sin(pos, self.head_dim, self.cfg.rope_theta))
             feeds["cos"] = np.ascontiguousarray(np.broadcast_to(cos, (B, T, cos.shape[-1])))
             feeds["sin"] = np.ascontiguousarray(np.broadcast_to(sin, (B, T, sin.shape[-1])))
         if T == 1 and pad_mask is None and self.slopes is None:  # one query: every cached key inside its window
@@ -109,8 +108,8 @@ class OnnxLM:
                 mask[..., : P + 1 - self.cfg.attn_window] = False
             feeds["mask"] = mask
         else:
-            feeds["mask"] = np.ascontiguousarray(attention_mask(self.cfg, B, positions, P + T, pad_mask,
-                                                                self.slopes).numpy())
+            feeds["mask"] = np.ascontiguousarray(attention_mask(self.cfg, B, torch.arange(start_pos, start_pos + T),
+                                                                P + T, pad_mask, self.slopes).numpy())
         empty = np.zeros((B, self.cfg.n_kv_head, 0, self.head_dim), np.float32)
         for i in range(self.cfg.n_layer):
             c = cache[i] if cache else None

@@ -61,16 +61,11 @@ def choose_cpu_precision(step_seconds, shape_key: str, repeats: int = 3) -> tupl
     """
     if not cpu_has_fast_bf16():
         return "fp32", "precision auto: fp32 (this CPU has no bf16 units: no avx512_bf16 or amx_bf16)"
-    path = cache_dir() / "precision.json"
+    table = _read_table("precision.json")
     key = f"{cpu_model()} | {torch.get_num_threads()} thread(s) | torch {torch.__version__} | {shape_key}"
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
-    table = table if isinstance(table, dict) else {}
     entry = table.get(key)
-    how = f"cached from {entry.get('measured')}" if isinstance(entry, dict) else "measured now"
-    if not isinstance(entry, dict) or entry.get("choice") not in ("fp32", "bf16"):
+    cached = isinstance(entry, dict) and entry.get("choice") in ("fp32", "bf16")
+    if not cached:
         times = {"fp32": [], "bf16": []}
         for p in times:  # warm-up: first calls allocate and pick kernels
             step_seconds(p)
@@ -81,11 +76,8 @@ def choose_cpu_precision(step_seconds, shape_key: str, repeats: int = 3) -> tupl
         entry = {"choice": "bf16" if med["bf16"] < med["fp32"] else "fp32", "fp32_s": med["fp32"],
                  "bf16_s": med["bf16"], "cpu": cpu_model(), "measured": time.strftime("%Y-%m-%d %H:%M")}
         table[key] = entry
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, table)
-        except OSError:
-            pass  # a read-only home: measured again next time
+        _write_table("precision.json", table)
+    how = f"cached from {entry.get('measured')}" if cached else "measured now"
     line = (f"precision auto: {entry['choice']} (a training step of this model took {entry['fp32_s'] * 1e3:.0f} ms "
             f"in fp32 and {entry['bf16_s'] * 1e3:.0f} ms in bf16 on this CPU; {how})")
     return entry["choice"], line
@@ -136,25 +128,33 @@ def cpu_peak(threads: int) -> float:
     ``cache_dir()/peak_flops.json`` with the CPU model and the date. A peak measured while other work shares
     the cores comes out low and inflates every MFU after it: measure on a quiet machine (delete the file to
     measure again), and an MFU over 100% is never printed."""
-    path = cache_dir() / "peak_flops.json"
+    table = _read_table("peak_flops.json")
     key = f"{cpu_model()} | {threads} thread(s) | torch {torch.__version__}"
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
-    if isinstance(table, dict) and isinstance(table.get(key), dict) and table[key].get("flops", 0) > 0:
+    if isinstance(table.get(key), dict) and table[key].get("flops", 0) > 0:
         return float(table[key]["flops"])
     best = _measure_matmul(torch.float32, threads=threads)
     if cpu_has_fast_bf16():
         best = max(best, _measure_matmul(torch.bfloat16, threads=threads))
-    table = table if isinstance(table, dict) else {}
     table[key] = {"flops": best, "cpu": cpu_model(), "threads": threads, "measured": time.strftime("%Y-%m-%d %H:%M")}
+    _write_table("peak_flops.json", table)
+    return best
+
+
+def _read_table(name: str) -> dict:
+    """A table of per-machine measurements in ``cache_dir()``; empty when missing or unreadable."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, table)
+        table = json.loads((cache_dir() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _write_table(name: str, table: dict) -> None:
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        write_json(cache_dir() / name, table)
     except OSError:
         pass  # a read-only home: measured again next time
-    return best
 
 
 @functools.lru_cache(maxsize=None)
