@@ -3,8 +3,9 @@
     python benchmarks/decode_backends.py --run RUN_DIR [--steplm RUN_DIR] [--bytes 256] [--repeats 3]
         [--threads 2] [--name NAME]
 
-Backends: ``torch`` (today's engine: ``LM`` with its KV cache), ``onnx`` (the checked fp32 export) and
-``onnx-int8`` (weight-only int8). The exports are written under benchmarks/work/ by ``export_run`` (so each
+Backends: ``torch`` (today's engine: ``LM`` with its KV cache), ``onnx`` (the checked fp32 export; at batch 1
+its token loop runs inside one graph, ``infer/onnx_loop.py``), ``onnx-per-token`` (the same export called once per
+token, the batch-1 path before the loop) and ``onnx-int8`` (weight-only int8, with the loop). The exports are written under benchmarks/work/ by ``export_run`` (so each
 passed its check). Batch 1: ``generate_ids`` writing --bytes tokens at temperature 0.8 from a short prompt;
 batch 8: ``generate_batch`` with 8 such requests (the server's continuous-batching loop). Backends take turns
 within each repetition (A B C A B C ...) so that a noisy machine slows them alike; the median is reported.
@@ -74,6 +75,9 @@ def main() -> None:
     for name, q in (("onnx", None), ("onnx-int8", "int8")):
         reports[name] = export_run(args.run, WORK / name, quantize=q)
         models[name] = sentcode.load(WORK / name)
+        if name == "onnx":
+            models["onnx-per-token"] = sentcode.load(WORK / name)
+            models["onnx-per-token"].model.token_loop = lambda top_p: None  # one ONNX Runtime call per token
     tok = models["torch"].tokenizer
     prompt = [tok.eos_id] + tok.encode("The state of the Union is strong. We have")
     speed = {name: {"batch1": [], "batch8": []} for name in models}

@@ -63,6 +63,34 @@ def test_export_step_computes_what_the_model_computes(pos, window):
     torch.testing.assert_close(got[:, 4:], want[:, 4:], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+@torch.no_grad()
+def test_decode_loop_in_the_graph_picks_the_tokens_the_engine_picks(window, tmp_path):
+    """The token loop inside one ONNX graph (``onnx_loop``) against ``LM`` on PyTorch: greedy, seeded sampling with
+    and without top-k, a stop id, past the context window (the window jumps); nucleus sampling takes the per-token
+    path."""
+    from sentcode.infer.onnx_graph import write_graph
+    from sentcode.infer.onnx_lm import OnnxLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=24,
+                      attn_window=window)
+    model = LM(cfg).eval()
+    write_graph(LMStep(model), tmp_path / "step.onnx")
+    fast = OnnxLM(tmp_path / "step.onnx", cfg)
+    assert fast.token_loop(None) is not None and fast.token_loop(0.9) is None
+    prompt = [3, 1, 4, 1, 5]
+    for kw in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 2}, {"temperature": 0.7, "top_k": 5, "seed": 9},
+               {"temperature": 1.0, "top_p": 0.9, "seed": 1}):
+        want = list(generate_ids(model, prompt, 70, **kw))
+        assert list(generate_ids(fast, prompt, 70, **kw)) == want, kw
+    free = list(generate_ids(model, prompt, 70, temperature=1.0, seed=5))
+    stop = free[40]  # a stop id met inside the second chunk of the loop, or earlier
+    stopped = list(generate_ids(fast, prompt, 70, temperature=1.0, seed=5, stop_ids=(stop,)))
+    assert stopped == free[:free.index(stop) + 1]
+    assert list(generate_ids(fast, [2], 3, temperature=0.0)) == list(generate_ids(model, [2], 3, temperature=0.0))
+
+
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     from sentcode.infer.export import export_run

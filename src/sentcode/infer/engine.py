@@ -33,6 +33,10 @@ def generate_ids(
     ctx = model.cfg.max_seq_len
     ids = list(prompt_ids)
     gen = make_generator(seed, device)
+    loop = model.token_loop(top_p) if use_cache and hasattr(model, "token_loop") else None
+    if loop is not None:  # an ONNX export runs the whole loop in its graph: the same tokens, fewer calls
+        yield from loop.generate(ids, max_new_tokens, temperature, top_k, gen, stop_ids)
+        return
     start = 0  # first token id inside the model's window
     cache, cached = None, 0  # cached: how many tokens of ids[start:] the cache holds
     model.eval()

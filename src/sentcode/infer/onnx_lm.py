@@ -31,8 +31,8 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def ort_session(path: Path, threads: int | None = None, spin: bool = True):
-    """``spin``: ONNX Runtime's threads wait busily between runs (fastest when nothing else runs between them; a
+def ort_session(path: Path | bytes, threads: int | None = None, spin: bool = True):
+    """A CPU session over a graph file (or a serialised graph). ``spin``: ONNX Runtime's threads wait busily between runs (fastest when nothing else runs between them; a
     graph called between PyTorch calls, as a renderer is, should not spin: its waiting threads take the cores that
     PyTorch's next call needs)."""
     ort = import_onnxruntime()
@@ -43,9 +43,11 @@ def ort_session(path: Path, threads: int | None = None, spin: bool = True):
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are not the user's concern
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts,
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for unreadable or invalid graphs
-        raise SentcodeError(f"cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+        where = "the decode loop" if isinstance(path, bytes) else path
+        raise SentcodeError(f"cannot load {where}: {str(e).splitlines()[0][:200]}") from None
 
 
 class OnnxLM:
@@ -56,9 +58,10 @@ class OnnxLM:
     training = False
 
     def __init__(self, path: Path, cfg, threads: int | None = None, spin: bool = True):
-        self.cfg = cfg
+        self.cfg, self.path, self.threads = cfg, Path(path), threads
         self.session = ort_session(path, threads, spin)
         self.inputs = {i.name for i in self.session.get_inputs()}
+        self._loop = None
         self.head_dim = cfg.d_model // cfg.n_head
         self.slopes = alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None
         # Rotary tables for the positions a token loop uses most (0 .. 2 contexts, at most 8,192), computed once by
@@ -74,6 +77,18 @@ class OnnxLM:
 
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in range(self.cfg.n_layer)]
+
+    def token_loop(self, top_p: float | None):
+        """The decode loop in one graph (``onnx_loop``), for a flat LM's export when it serves the request;
+        built on first use."""
+        from sentcode.infer.onnx_loop import DecodeLoop
+
+        flat_lm = "idx" in self.inputs and "cond" not in self.inputs and self.session.get_outputs()[0].name == "logits"
+        if not flat_lm or not DecodeLoop.serves(self.cfg, top_p):
+            return None
+        if self._loop is None:
+            self._loop = DecodeLoop(self, self.path)
+        return self._loop
 
     def render(self, x: torch.Tensor, cond_pos: torch.Tensor, start_pos: int = 0,
                cache: list[LayerCache] | None = None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:

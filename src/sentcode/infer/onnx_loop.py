@@ -1,0 +1,178 @@
+"""The flat LM's token loop inside one ONNX graph: many decode steps, sampling included, per ONNX Runtime call.
+
+Why: at batch 1 a decode step of a small model costs about as much outside the graph as inside it (building the
+feeds, ONNX Runtime's per-call work, PyTorch's sampler between calls: ~0.4 ms a token, measured). Here the
+exported step (``model.onnx``, fp32 or int8) becomes the body of an ONNX ``Loop``: each iteration computes its
+rotary rows and mask, runs the step, picks the next token and feeds it back, and stops after a stop id. Python
+runs once per chunk of ``CHUNK`` tokens. The graph is assembled in memory from the export (graph surgery with
+``onnx.helper``: no exporter, no second file to keep in step with the first).
+
+The same tokens as ``engine.generate_ids``: greedy is the argmax of the logits; sampling is the one-sample form
+of ``torch.multinomial`` (``argmax(probs / E)`` with ``E ~ Exp(1)`` drawn by the request's ``torch.Generator``,
+one row of the vocabulary's size per token, as ``multinomial`` draws them), with ``probs`` computed as
+``sample_next`` does (divide by the temperature, top-k mask, softmax). Nucleus sampling and ALiBi models take the
+per-token path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from sentcode.nn.layers import rope_cos_sin
+
+CHUNK = 32  # tokens per ONNX Runtime call: a stream's tokens arrive in bursts of this size
+_NO_WINDOW = 1 << 40
+
+
+def _const(name: str, value, dtype=np.int64):
+    from onnx import helper, numpy_helper
+
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype=dtype), name))
+
+
+def _topk_branches(helper, TP):
+    """``If`` branches: ``filtered`` is ``scaled`` with every logit below the k-th largest set to -inf."""
+    then = helper.make_graph(
+        [helper.make_node("TopK", ["lp_scaled", "lp_k"], ["lp_kvals", "lp_kidx"], axis=-1),
+         _const("lp_sl_start", [-1]), _const("lp_sl_end", [1 << 62]), _const("lp_sl_axis", [-1]),
+         helper.make_node("Slice", ["lp_kvals", "lp_sl_start", "lp_sl_end", "lp_sl_axis"], ["lp_kth"]),
+         helper.make_node("Less", ["lp_scaled", "lp_kth"], ["lp_below"]),
+         _const("lp_neg_inf", -np.inf, np.float32),
+         helper.make_node("Where", ["lp_below", "lp_neg_inf", "lp_scaled"], ["lp_masked"])],
+        "topk", [], [helper.make_tensor_value_info("lp_masked", TP.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["lp_scaled"], ["lp_unmasked"])], "all", [],
+                              [helper.make_tensor_value_info("lp_unmasked", TP.FLOAT, None)])
+    return then, other
+
+
+def loop_graph(step, cfg):
+    """The decode loop around ``step`` (an ``onnx.ModelProto`` from ``LMStep``, batch 1)."""
+    from onnx import TensorProto as TP
+    from onnx import helper, numpy_helper
+
+    g = step.graph
+    L, kv, hd = cfg.n_layer, cfg.n_kv_head, cfg.d_model // cfg.n_head
+    names = {v for n in g.node for v in (*n.input, *n.output)} | {i.name for i in g.initializer}
+    clash = sorted(n for n in names if n.startswith("lp_"))
+    assert not clash, f"the step graph already uses names the loop needs: {clash[:3]}"
+    past = [f"past_{k}_{i}" for i in range(L) for k in ("key", "value")]
+    present = [f"present_{k}_{i}" for i in range(L) for k in ("key", "value")]
+    then, other = _topk_branches(helper, TP)
+    nodes = [
+        _const("lp_one", 1), _const("lp_zero", 0), _const("lp_ax0", [0]), _const("lp_row", [1, 1, -1]),
+        _const("lp_mask_shape", [1, 1, 1, -1]), _const("lp_vocab_row", [1, -1]),
+        # the step's inputs for one token at position lp_pos: rotary rows, and the mask (keys inside the window)
+        helper.make_node("Identity", ["lp_tok"], ["idx"]),
+        helper.make_node("Unsqueeze", ["lp_pos", "lp_ax0"], ["lp_posv"]),
+        helper.make_node("Gather", ["lp_cos_table", "lp_posv"], ["lp_cos"]),
+        helper.make_node("Gather", ["lp_sin_table", "lp_posv"], ["lp_sin"]),
+        helper.make_node("Reshape", ["lp_cos", "lp_row"], ["cos"]),
+        helper.make_node("Reshape", ["lp_sin", "lp_row"], ["sin"]),
+        helper.make_node("Add", ["lp_pos", "lp_one"], ["lp_n_keys"]),
+        helper.make_node("Range", ["lp_zero", "lp_n_keys", "lp_one"], ["lp_keys"]),
+        helper.make_node("Sub", ["lp_n_keys", "lp_window"], ["lp_first_key"]),
+        helper.make_node("GreaterOrEqual", ["lp_keys", "lp_first_key"], ["lp_inside"]),
+        helper.make_node("Reshape", ["lp_inside", "lp_mask_shape"], ["mask"]),
+        *g.node,
+        # the next token, as sample_next picks it
+        helper.make_node("Reshape", ["logits", "lp_vocab_row"], ["lp_logits"]),
+        helper.make_node("ArgMax", ["lp_logits"], ["lp_greedy"], axis=-1, keepdims=1),
+        helper.make_node("Div", ["lp_logits", "lp_temperature"], ["lp_scaled"]),
+        helper.make_node("If", ["lp_use_top_k"], ["lp_filtered"], then_branch=then, else_branch=other),
+        helper.make_node("Softmax", ["lp_filtered"], ["lp_probs"], axis=-1),
+        helper.make_node("Gather", ["lp_exp_noise", "lp_iter"], ["lp_e"], axis=0),
+        helper.make_node("Div", ["lp_probs", "lp_e"], ["lp_ratio"]),
+        helper.make_node("ArgMax", ["lp_ratio"], ["lp_sampled"], axis=-1, keepdims=1),
+        helper.make_node("Where", ["lp_greedy_flag", "lp_greedy", "lp_sampled"], ["lp_next"]),
+        helper.make_node("Add", ["lp_pos", "lp_one"], ["lp_pos_next"]),
+        helper.make_node("Equal", ["lp_next", "lp_stop_ids"], ["lp_hits"]),
+        helper.make_node("Cast", ["lp_hits"], ["lp_hits_i"], to=TP.INT64),
+        helper.make_node("ReduceMax", ["lp_hits_i"], ["lp_hit"], keepdims=0),
+        helper.make_node("Cast", ["lp_hit"], ["lp_stopped"], to=TP.BOOL),
+        helper.make_node("Not", ["lp_stopped"], ["lp_go_on"]),
+        helper.make_node("Identity", ["lp_next"], ["lp_emitted"]),
+    ]
+    vi = helper.make_tensor_value_info
+    body = helper.make_graph(
+        nodes, "decode_step",
+        [vi("lp_iter", TP.INT64, []), vi("lp_cond", TP.BOOL, []), vi("lp_tok", TP.INT64, None),
+         vi("lp_pos", TP.INT64, []), *(vi(n, TP.FLOAT, None) for n in past)],
+        [vi("lp_go_on", TP.BOOL, []), vi("lp_next", TP.INT64, None), vi("lp_pos_next", TP.INT64, []),
+         *(vi(n, TP.FLOAT, None) for n in present), vi("lp_emitted", TP.INT64, None)])
+    cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len), hd, cfg.rope_theta)
+    window = cfg.attn_window if cfg.attn_window is not None else _NO_WINDOW
+    inits = [*g.initializer, numpy_helper.from_array(cos.numpy(), "lp_cos_table"),
+             numpy_helper.from_array(sin.numpy(), "lp_sin_table"),
+             numpy_helper.from_array(np.array(window, np.int64), "lp_window")]
+    loop = helper.make_node("Loop", ["n_steps", "", "first_token", "first_pos", *(f"in_{n}" for n in past)],
+                            ["last_token", "last_pos", *(f"out_{n}" for n in present), "tokens"], body=body)
+    cache = [1, kv, "past", hd]
+    outer = helper.make_graph(
+        [loop], "decode_loop",
+        [vi("n_steps", TP.INT64, []), vi("first_token", TP.INT64, [1, 1]), vi("first_pos", TP.INT64, []),
+         vi("lp_temperature", TP.FLOAT, []), vi("lp_greedy_flag", TP.BOOL, []), vi("lp_use_top_k", TP.BOOL, []),
+         vi("lp_k", TP.INT64, [1]), vi("lp_exp_noise", TP.FLOAT, ["steps", 1, cfg.vocab_size]),
+         vi("lp_stop_ids", TP.INT64, ["stops"]), *(vi(f"in_{n}", TP.FLOAT, cache) for n in past)],
+        [vi("last_token", TP.INT64, None), vi("last_pos", TP.INT64, None),
+         *(vi(f"out_{n}", TP.FLOAT, None) for n in present), vi("tokens", TP.INT64, None)],
+        initializer=inits)
+    return helper.make_model(outer, opset_imports=list(step.opset_import), ir_version=step.ir_version)
+
+
+class DecodeLoop:
+    """The loop graph of an ``OnnxLM``'s flat-LM export, and ``generate_ids``'s policy around it."""
+
+    def __init__(self, lm, path):
+        import onnx
+
+        from sentcode.infer.onnx_lm import ort_session
+
+        self.lm, self.cfg = lm, lm.cfg
+        self.session = ort_session(loop_graph(onnx.load(str(path)), self.cfg).SerializeToString(), lm.threads)
+
+    @staticmethod
+    def serves(cfg, top_p: float | None) -> bool:
+        return cfg.pos == "rope" and (top_p is None or top_p >= 1.0)
+
+    def _prefill(self, ids: list[int]) -> list[np.ndarray]:
+        """The cache of ``ids`` (positions 0..), as the loop's cache inputs."""
+        cfg = self.cfg
+        if not ids:
+            empty = np.zeros((1, cfg.n_kv_head, 0, cfg.d_model // cfg.n_head), np.float32)
+            return [empty] * (2 * cfg.n_layer)
+        cache = self.lm.new_cache()
+        self.lm(torch.tensor([ids]), cache=cache, start_pos=0)
+        return [t.numpy() for c in cache for t in (c.k, c.v)]
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+                 generator: torch.Generator, stop_ids: tuple[int, ...]) -> Iterator[int]:
+        """``engine.generate_ids`` with the cache: the same context policy, the same tokens."""
+        cfg, ctx, V = self.cfg, self.cfg.max_seq_len, self.cfg.vocab_size
+        greedy = temperature == 0 or top_k == 1
+        fixed = {"lp_temperature": np.array(1.0 if greedy else temperature, np.float32),
+                 "lp_greedy_flag": np.array(greedy), "lp_use_top_k": np.array(bool(top_k) and not greedy),
+                 "lp_k": np.array([min(top_k or V, V)], np.int64),
+                 "lp_stop_ids": np.array([*stop_ids, -1], np.int64)}
+        past = [f"in_past_{k}_{i}" for i in range(cfg.n_layer) for k in ("key", "value")]
+        ids, start, cache, made = list(prompt_ids), 0, None, 0
+        while made < max_new_tokens:
+            if len(ids) - start > ctx:  # the window jumps, as in engine.generate_ids
+                start, cache = len(ids) - ctx // 2, None
+            if cache is None:
+                cache = self._prefill(ids[start:-1])
+            n = min(CHUNK, max_new_tokens - made, ctx - (len(ids) - start) + 1)
+            noise = (np.ones((n, 1, V), np.float32) if greedy
+                     else torch.empty(n, 1, V).exponential_(generator=generator).numpy())
+            out = self.session.run(None, {"n_steps": np.array(n, np.int64), "first_token": np.array([[ids[-1]]]),
+                                          "first_pos": np.array(len(ids) - 1 - start, np.int64),
+                                          "lp_exp_noise": noise, **fixed, **dict(zip(past, cache))})
+            cache = out[2:2 + len(past)]
+            for tok in out[-1].reshape(-1).tolist():
+                ids.append(tok)
+                made += 1
+                yield tok
+                if tok in stop_ids:
+                    return
