@@ -96,7 +96,7 @@ def test_eval_batches_context():
             assert cols.min() + 1 >= seq_len - stride
 
 
-@pytest.fixture(scope="module", params=["bytes", "bpe"])
+@pytest.fixture(scope="module", params=["bytes", "bpe", "unigram"])
 def prepared(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / request.param
     meta = prepare_data("sample", out, tokenizer=request.param, vocab_size=512, progress=False)

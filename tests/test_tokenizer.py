@@ -4,7 +4,7 @@ import pytest
 
 from sentcode.corpus import load_documents
 from sentcode.errors import ConfigError, DataError
-from sentcode.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe
+from sentcode.tokenizer import BPETokenizer, ByteTokenizer, UnigramTokenizer, load_tokenizer, train_bpe, train_unigram
 
 CASES = [
     b"",
@@ -21,10 +21,11 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bpe():
+@pytest.fixture(scope="module", params=["bpe", "unigram"])
+def bpe(request):
+    """Each byte-level subword tokenizer: BPE, and a-lm's optional Unigram."""
     texts = [d.text for d in load_documents("sample")]
-    return train_bpe(texts, 1024)
+    return (train_bpe if request.param == "bpe" else train_unigram)(texts, 1024)
 
 
 def test_byte_tokenizer_roundtrip():
@@ -67,7 +68,7 @@ def test_save_load_identity(tmp_path, bpe):
         assert type(loaded) is type(tok) and loaded.meta() == tok.meta()
         for case in CASES:
             assert loaded.encode(case) == tok.encode(case)
-    assert isinstance(load_tokenizer(tmp_path / "bpe"), BPETokenizer)
+    assert isinstance(load_tokenizer(tmp_path / bpe.kind), {"bpe": BPETokenizer, "unigram": UnigramTokenizer}[bpe.kind])
 
 
 def test_load_missing_or_corrupt(tmp_path, bpe):
@@ -78,18 +79,28 @@ def test_load_missing_or_corrupt(tmp_path, bpe):
         load_tokenizer(tmp_path)
     bpe.save(tmp_path / "b")
     (tmp_path / "b" / "tokenizer.json").write_text("garbage")
-    with pytest.raises(DataError, match="corrupt BPE tokenizer"):
+    with pytest.raises(DataError, match=f"corrupt {bpe.label} tokenizer"):
         load_tokenizer(tmp_path / "b")
     (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "wordpiece"}))
     with pytest.raises(DataError, match="unknown tokenizer kind"):
         load_tokenizer(tmp_path)
 
 
-def test_bpe_vocab_too_small():
+@pytest.mark.parametrize("train", [train_bpe, train_unigram])
+def test_bpe_vocab_too_small(train):
     with pytest.raises(ConfigError, match="at least 259"):
-        train_bpe(["abc"], 100)
+        train(["abc"], 100)
 
 
-def test_bpe_trains_on_invalid_utf8():
-    tok = train_bpe([b"abc \xff abc \xfe abc", "abc abc"], 300)
+@pytest.mark.parametrize("train", [train_bpe, train_unigram])
+def test_bpe_trains_on_invalid_utf8(train):
+    tok = train([b"abc \xff abc \xfe abc", "abc abc"], 300)
     assert tok.decode(tok.encode(b"\xffabc abc\xfe")) == b"\xffabc abc\xfe"
+
+
+def test_unigram_segments_by_likelihood_not_merges(bpe):
+    """A Unigram vocabulary is not a BPE one: trained on the same text to the same size, they differ."""
+    texts = [d.text for d in load_documents("sample")]
+    other = (train_unigram if bpe.kind == "bpe" else train_bpe)(texts, 1024)
+    assert bpe.meta()["kind"] != other.meta()["kind"]
+    assert {bpe.token_bytes(i) for i in range(bpe.vocab_size)} != {other.token_bytes(i) for i in range(other.vocab_size)}

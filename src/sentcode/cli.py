@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "split it by document into train/val/test, train the tokenizer on train, and write packed shards.")
     prep.add_argument("--corpus", nargs="+", default=["sotu"], metavar="SPEC",
                       help="sotu (default), sample, a file, a folder, a .jsonl, a corpus .yaml, or hf:NAME[:CONFIG][:SPLIT]")
-    prep.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bytes", help="bytes (default) or bpe")
-    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    prep.add_argument("--tokenizer", choices=["bytes", "bpe", "unigram"], default="bytes",
+                      help="bytes (default), bpe, or unigram (both byte-level: every byte string round-trips)")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE or Unigram vocabulary size (default 4096)")
     prep.add_argument("--val-frac", type=float, default=0.05, help="share of documents held out for validation")
     prep.add_argument("--test-frac", type=float, default=0.05, help="share of documents held out for testing")
     prep.add_argument("--out", required=True, metavar="DATA_DIR", help="output data directory")

@@ -20,13 +20,13 @@ from sentcode.corpus import Document, load_corpus
 from sentcode.data.shards import DTYPES, dtype_code_for, read_tokens, write_tokens
 from sentcode.errors import ConfigError, DataError
 from sentcode.io import atomic_dir, write_json
-from sentcode.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
+from sentcode.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe, train_unigram
 
 FORMAT = "sentcode-data"
 VERSION = 1
 SPLITS = ("train", "val", "test")
 HELD_OUT = ("val", "test")
-TOKENIZER_KINDS = ("bytes", "bpe")
+TOKENIZER_KINDS = ("bytes", "bpe", "unigram")
 ENCODE_CHUNK = 256  # documents per encode_batch call: big enough to batch, small enough to bound memory
 
 
@@ -83,9 +83,10 @@ def prepare_data(
         f"corpus: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test documents"
         f" ({splits.duplicates_removed} duplicates removed)"
     )
-    if tokenizer == "bpe":
-        say(f"training BPE (vocab {vocab_size}) on the train split")
-        tok: Tokenizer = train_bpe((d.text for d in {id(d): d for d in splits.train}.values()), vocab_size)
+    if tokenizer in ("bpe", "unigram"):
+        say(f"training {'BPE' if tokenizer == 'bpe' else 'Unigram'} (vocab {vocab_size}) on the train split")
+        trainer = train_bpe if tokenizer == "bpe" else train_unigram
+        tok: Tokenizer = trainer((d.text for d in {id(d): d for d in splits.train}.values()), vocab_size)
     else:
         tok = ByteTokenizer()
     dtype = DTYPES[dtype_code_for(tok.vocab_size)]

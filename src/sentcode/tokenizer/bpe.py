@@ -1,6 +1,7 @@
-"""Byte-level BPE on top of Hugging Face ``tokenizers``, exact for every byte string.
+"""Byte-level BPE and Unigram on top of Hugging Face ``tokenizers``, exact for every byte string.
 
-All 256 bytes are in the base alphabet. Rust strings cannot hold invalid UTF-8, so input is cut into
+Both see text through the byte-level pre-tokenizer, so all 256 bytes are tokens of the vocabulary (the byte
+fallback: a byte no longer piece covers is its own token). Rust strings cannot hold invalid UTF-8, so input is cut into
 maximal valid-UTF-8 runs, which go through the HF tokenizer, and invalid bytes, which map straight to their
 single-byte tokens. Decoding never goes through the HF decoder: a precomputed table gives each id's bytes.
 """
@@ -58,6 +59,7 @@ def _segments(data: bytes | str) -> list[str | bytes]:
 
 class BPETokenizer(Tokenizer):
     kind = "bpe"
+    label = "BPE"
 
     def __init__(self, hf: HFTokenizer):
         self._hf = hf
@@ -66,7 +68,7 @@ class BPETokenizer(Tokenizer):
         vocab = hf.get_vocab(with_added_tokens=True)
         ids = [vocab.get(t) for t in SPECIAL_TOKENS]
         if None in ids:
-            raise DataError("BPE tokenizer lacks the special tokens " + ", ".join(SPECIAL_TOKENS))
+            raise DataError(f"{self.label} tokenizer lacks the special tokens " + ", ".join(SPECIAL_TOKENS))
         self.bos_id, self.eos_id, self.pad_id = ids
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         byte_of = _byte_level_chars()
@@ -77,11 +79,11 @@ class BPETokenizer(Tokenizer):
             try:
                 table[i] = bytes(byte_of[c] for c in token)
             except KeyError:
-                raise DataError(f"BPE tokenizer token {token!r} is not byte-level") from None
+                raise DataError(f"{self.label} tokenizer token {token!r} is not byte-level") from None
         self._table = table
         byte_ids = [vocab.get(char) for char in sorted(byte_of, key=byte_of.get)]
         if None in byte_ids:
-            raise DataError("BPE tokenizer does not cover all 256 bytes")
+            raise DataError(f"{self.label} tokenizer does not cover all 256 bytes")
         self._byte_ids: list[int] = byte_ids
 
     def encode(self, data: bytes | str) -> list[int]:
@@ -122,15 +124,15 @@ class BPETokenizer(Tokenizer):
     def load(cls, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> BPETokenizer:
         path = Path(directory) / HF_FILE
         if not path.is_file():
-            raise DataError(f"no BPE tokenizer at {directory} (missing {HF_FILE})")
+            raise DataError(f"no {cls.label} tokenizer at {directory} (missing {HF_FILE})")
         try:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side reports parse errors as plain Exception
-            raise DataError(f"corrupt BPE tokenizer {path}: {e}") from None
+            raise DataError(f"corrupt {cls.label} tokenizer {path}: {e}") from None
         tok = cls(hf)
         if meta is not None and meta.get("vocab_size") != tok.vocab_size:
             raise DataError(
-                f"corrupt BPE tokenizer {path}: meta says vocab_size {meta.get('vocab_size')},"
+                f"corrupt {cls.label} tokenizer {path}: meta says vocab_size {meta.get('vocab_size')},"
                 f" file has {tok.vocab_size}"
             )
         return tok
@@ -148,12 +150,40 @@ def _training_batches(texts: Iterable[str | bytes], batch: int = 1000) -> Iterat
         yield buf
 
 
-def train_bpe(texts: Iterable[str | bytes], vocab_size: int) -> BPETokenizer:
-    """Train a byte-level BPE with ``vocab_size`` ids at most (fewer if the texts run out of merges)."""
+class UnigramTokenizer(BPETokenizer):
+    """A Unigram language model over byte-level pieces (SentencePiece's algorithm, as a-lm offers it): the same
+    exact encoding and decoding as the BPE tokenizer, only the vocabulary and the segmentation differ."""
+
+    kind = "unigram"
+    label = "Unigram"
+
+
+def _check_vocab(kind: str, vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB:
         raise ConfigError(
-            f"BPE vocab_size must be at least {MIN_VOCAB} (256 bytes + 3 specials), got {vocab_size}"
+            f"{kind} vocab_size must be at least {MIN_VOCAB} (256 bytes + 3 specials), got {vocab_size}"
         )
+
+
+def train_unigram(texts: Iterable[str | bytes], vocab_size: int) -> UnigramTokenizer:
+    """Train a byte-level Unigram tokenizer with ``vocab_size`` ids at most."""
+    _check_vocab("Unigram", vocab_size)
+    hf = HFTokenizer(models.Unigram())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        max_piece_length=16,
+        show_progress=False,
+    )
+    hf.train_from_iterator(_training_batches(texts), trainer)
+    return UnigramTokenizer(hf)
+
+
+def train_bpe(texts: Iterable[str | bytes], vocab_size: int) -> BPETokenizer:
+    """Train a byte-level BPE with ``vocab_size`` ids at most (fewer if the texts run out of merges)."""
+    _check_vocab("BPE", vocab_size)
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     trainer = trainers.BpeTrainer(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sentcode.errors import DataError
 from sentcode.tokenizer.base import META_FILE, Tokenizer
-from sentcode.tokenizer.bpe import BPETokenizer
+from sentcode.tokenizer.bpe import BPETokenizer, UnigramTokenizer
 from sentcode.tokenizer.bytes import ByteTokenizer
 
 
@@ -27,4 +27,6 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         return ByteTokenizer()
     if kind == "bpe":
         return BPETokenizer.load(directory, meta)
+    if kind == "unigram":
+        return UnigramTokenizer.load(directory, meta)
     raise DataError(f"unknown tokenizer kind {kind!r} in {meta_path}")
