@@ -173,7 +173,7 @@ def test_generate_accepts_both_seed_bodies_sentence(sent):
 
 
 def test_completions_match_the_engine_and_seeds_reproduce(flat):
-    body = {"model": "x", "prompt": "We must", "max_tokens": 25, "temperature": 0}
+    body = {"model": flat.state.name, "prompt": "We must", "max_tokens": 25, "temperature": 0}
     status, r, _ = call(flat, "/v1/completions", body)
     assert status == 200, r
     want, n = greedy_text(flat, "We must", 25)
@@ -296,7 +296,7 @@ def test_lm_eval_local_completions_scores_the_server(flat):
 
     from sentcode.infer.scoring import loglikelihood
 
-    lm = LocalCompletionsAPI(base_url=flat.url + "/v1/completions", model="m", max_length=64)
+    lm = LocalCompletionsAPI(base_url=flat.url + "/v1/completions", model=flat.state.name, max_length=64)
     assert lm.tokenizer_backend == "remote"
     pairs = [("We must", " act."), ("The state of the Union", " is strong")]
     got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],

@@ -232,17 +232,18 @@ runs, when sampling). Needs pip install 'sentcode[lmeval]'.""")
     demo.add_argument("--sentence", action="store_true",
                       help="instead: train the tiny sentence-step LM with its whole preset, evaluate it and sample")
 
-    srv = sub.add_parser("serve", help="serve a trained run over HTTP (OpenAI-style API; extra 'serve')",
-                         description="Serve RUN_DIR over HTTP: POST /generate (the seeds' bodies), /v1/completions, "
-                         "/v1/chat/completions (streaming as server-sent events), GET /v1/models, /health, /docs. "
-                         "Flat LM requests are decoded together in batches; a sentence run serves one request at a "
-                         "time. Needs pip install 'sentcode[serve]'.")
-    srv.add_argument("run_dir", metavar="RUN_DIR", help="a flat LM run or a sentence pipeline run")
+    srv = sub.add_parser("serve", help="serve trained runs over HTTP, with a playground page (extra 'serve')",
+                         description="Serve one or more runs over HTTP, each under its model name: the playground "
+                         "page at /, POST /generate (the seeds' bodies), /v1/completions, /v1/chat/completions "
+                         "(streaming as server-sent events), /v1/plan, GET /v1/models, /health, /docs. A request "
+                         "picks a model with its 'model' field. Flat LM requests are decoded together in batches; a "
+                         "sentence run serves one request at a time. Needs pip install 'sentcode[serve]'.")
+    srv.add_argument("run_dir", metavar="RUN_DIR", nargs="+", help="flat LM, sentence-step or autoencoder runs")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
-    srv.add_argument("--model-name", default=None, metavar="NAME",
-                     help="model id in /v1/models and responses (default: the run directory's name)")
+    srv.add_argument("--model-name", nargs="+", default=None, metavar="NAME",
+                     help="model ids in /v1/models and requests, one per run (default: each run directory's name)")
     srv.add_argument("--max-batch", type=int, default=8, metavar="N",
                      help="flat LM: requests decoded together (default 8); a sentence run serves 1 at a time")
     srv.add_argument("--max-queue", type=int, default=32, metavar="N",
@@ -473,11 +474,11 @@ def _dispatch(args) -> int:
         from sentcode.serve.config import ServeConfig
         from sentcode.serve.server import run_server
 
-        run_server(args.run_dir, ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
+        run_server(args.run_dir, ServeConfig(host=args.host, port=args.port,
                                              max_body_bytes=args.max_body_bytes, max_prompt_bytes=args.max_prompt_bytes,
                                              max_tokens=args.max_tokens, max_batch=args.max_batch,
                                              max_queue=args.max_queue, threads=args.threads,
-                                             backend=args.backend))
+                                             backend=args.backend), names=args.model_name)
         return 0
     raise AssertionError(args.command)
 

@@ -179,27 +179,36 @@ class StepLMGenerator:
             self._plan(state, e)
         return state, current
 
-    def _step(self, state: _State, prefix: bytes, n: int, temperature, top_k, top_p, gen) -> tuple[_State, bytes]:
-        """Write one segment (``n`` candidates when codes are on, the best kept); returns the new state."""
+    def _step(self, state: _State, prefix: bytes, n: int, temperature, top_k, top_p, gen,
+              plan: dict | None = None) -> tuple[_State, bytes]:
+        """Write one segment (``n`` candidates when codes are on, the best kept); returns the new state.
+        ``plan``: filled with what the step decided (planned codes, each candidate, the one kept)."""
         q = None
         if self.codes:
             state.planned = self._sample_codes(state.o, temperature, gen)[0]
             q = self.model.rvq.decode(state.planned[None])
         self._set_cond(state, q)
-        best = None
-        for _ in range(n if self.codes else 1):
+        best, candidates = None, []
+        for i in range(n if self.codes else 1):
             cand = state.fork()
             text, lp = self._write(cand, prefix, temperature, top_k, top_p, gen, score=n > 1 and self.codes)
             seg = prefix + text
             e, pooled = self._encode(cand, seg, written=True)
             key = (0.0, lp / (len(text) + 1))
+            codes = None
             if self.codes:
                 codes = self._codes_of(pooled)[1][0]
                 w = 0.5 ** torch.arange(self.model.cfg.levels, device=self.device)
                 key = (float(((codes == state.planned).float() * w).sum() / w.sum()), key[1])
+            candidates.append({"text": _text(text), "codes": None if codes is None else codes.tolist(),
+                               "agreement": key[0] if self.codes else None, "logprob": key[1] if n > 1 else None})
             if best is None or key > best[0]:
-                best = (key, cand, text, e)
-        _, cand, text, e = best
+                best = (key, cand, text, e, i)
+        _, cand, text, e, chosen = best
+        if plan is not None:
+            plan.update(text=_text(text), planned=None if state.planned is None else state.planned.tolist(),
+                        written=candidates[chosen]["codes"], agreement=candidates[chosen]["agreement"],
+                        candidates=candidates if len(candidates) > 1 else [], chosen=chosen)
         self._plan(cand, e)
         return cand, text
 
@@ -224,15 +233,16 @@ class StepLMGenerator:
         return self.segments(prompt)
 
     @torch.no_grad()
-    def _stream(self, segments, max_sentences, n, temperature, seed, top_k, top_p) -> Iterator[str]:
+    def _stream(self, segments, max_sentences, n, temperature, seed, top_k, top_p, plan: bool = False):
         gen = make_generator(seed, self.device)
         state, prefix = self._prime(segments)
         for _ in range(max_sentences):
-            state, text = self._step(state, prefix, n, temperature, top_k, top_p, gen)
+            info = {} if plan else None
+            state, text = self._step(state, prefix, n, temperature, top_k, top_p, gen, info)
             prefix = b""
             if not text:
                 return
-            yield text.decode("utf-8", "replace")
+            yield info if plan else _text(text)
 
     def stream(self, prompt: str | bytes, max_sentences: int = 3, rerank: int | None = None, temperature: float = 0.8,
                seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
@@ -240,6 +250,18 @@ class StepLMGenerator:
         segments = self._check(prompt, max_sentences, rerank, temperature, top_k, top_p)
         n = self.default_rerank if rerank is None else max(1, rerank)
         return self._stream(segments, max_sentences, n, temperature, seed, top_k, top_p)
+
+    def stream_plan(self, prompt: str | bytes, max_sentences: int = 3, rerank: int | None = None,
+                    temperature: float = 0.8, seed: int | None = None, top_k: int | None = None,
+                    top_p: float | None = None) -> Iterator[dict]:
+        """``stream`` with what each step decided: per segment ``{"text", "planned", "written", "agreement",
+        "candidates", "chosen"}`` (codes as lists of ints, one per level; None with codes off). ``written``: the
+        codes of the segment actually written; ``agreement``: the weighted share of levels where it matches the
+        plan (reranking's key); ``candidates``: every candidate written when reranking (text, codes,
+        agreement, mean log-prob), ``chosen`` the index kept. The same text as ``stream`` for the same seed."""
+        segments = self._check(prompt, max_sentences, rerank, temperature, top_k, top_p)
+        n = self.default_rerank if rerank is None else max(1, rerank)
+        return self._stream(segments, max_sentences, n, temperature, seed, top_k, top_p, plan=True)
 
     def generate(self, prompt: str | bytes, max_sentences: int = 3, rerank: int | None = None, temperature: float = 0.8,
                  seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> str:
@@ -283,6 +305,13 @@ class StepLMGenerator:
 
     def score(self, text: str | bytes) -> float:
         return self.score_details(text)["bpb"]
+
+
+def _text(segment) -> str:
+    """A written segment as text (bytes; a list of lower-level codes for a second level, shown as numbers)."""
+    if isinstance(segment, (bytes, bytearray)):
+        return segment.decode("utf-8", "replace")
+    return " ".join(str(int(c)) for c in segment)
 
 
 def load_core(run_dir: str | Path, device: str, renderer: str | None, family: str, cls, generator):

@@ -37,7 +37,7 @@ def _stops(v: Any) -> tuple[str, ...]:
 
 
 class _Sampling(Body):
-    model: str | None = Field(None, description="any name: this server serves one model")
+    model: str | None = Field(None, description="which served model (GET /v1/models); optional when one is served")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="sentcode extension: 0 or unset means no limit")
@@ -83,13 +83,13 @@ class CompletionRequest(_Sampling):
 
 
 class TokenizeRequest(Body):
-    model: str | None = None
+    model: str | None = Field(None, description="which served model; optional when one is served")
     prompt: str
     add_special_tokens: bool = Field(False, description="start with the document-start token (end-of-text)")
 
 
 class DetokenizeRequest(Body):
-    model: str | None = None
+    model: str | None = Field(None, description="which served model; optional when one is served")
     tokens: list[int]
 
 
@@ -143,9 +143,25 @@ class GenerateRequest(Body):
     """Both seeds' bodies: ``{"prompt", "steps", "sample", "temperature"}`` and
     ``{"prompt", "max_sentences", "params": {"rerank": true}}``."""
 
+    model: str | None = Field(None, description="which served model; optional when one is served")
     prompt: str
     steps: int | None = Field(None, ge=1, description="sentences to generate (the same as max_sentences)")
     max_sentences: int | None = Field(None, ge=1, description="sentences to generate")
     sample: bool | None = Field(None, description="sample instead of greedy decoding")
     temperature: float | None = Field(None, ge=0, le=2)
     params: SeedParams | None = None
+
+
+class PlanRequest(Body):
+    """The playground's plan view: a sentence-step or autoencoder run writes segment by segment and says, for each,
+    the codes it planned, the codes of what it wrote, and the candidates reranking chose between."""
+
+    model: str | None = Field(None, description="which served model; optional when one is served")
+    prompt: str
+    max_tokens: int | None = Field(None, ge=1, description="segments (sentences) to write")
+    temperature: float = Field(0.8, ge=0, le=2, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0 or unset means no limit")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    rerank: int | None = Field(None, ge=0, le=64, description="candidates per segment (codes on); unset: the run's default")
+    stream: bool = False

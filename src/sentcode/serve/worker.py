@@ -299,6 +299,37 @@ class SentenceJob(Job):
         self.channel.put(Done(self.index, "length" if full else "stop", self.prompt_tokens, n))
 
 
+class PlanJob(Job):
+    """A sentence-step or autoencoder run writing with ``stream_plan``: one ``Result`` per segment (what it planned,
+    wrote and chose), then, for an autoencoder, the codes of the whole text per level, then ``Done``."""
+
+    def __init__(self, channel: Channel, prompt: str, kwargs: dict, prompt_tokens: int):
+        super().__init__(channel)
+        self.prompt, self.kwargs, self.prompt_tokens = prompt, kwargs, prompt_tokens
+
+    def run(self, gen) -> None:
+        n, text = 0, ""
+        try:
+            for seg in gen.stream_plan(self.prompt, **self.kwargs):
+                if self.cancelled.is_set():
+                    return
+                self.channel.put(Result(self.index, {"segment": seg, "index": n}))
+                text += seg["text"]
+                n += 1
+            if hasattr(gen, "encode") and text:  # an autoencoder: its segments and codes per level, of everything
+                self.channel.put(Result(self.index, {"levels": gen.encode(self.prompt + text),
+                                                     "text": self.prompt + text}))
+        except SentcodeError as e:
+            self.fail(400, str(e), "invalid_request")
+            return
+        except Exception as e:
+            log.error("plan generation failed:\n%s", traceback.format_exc())
+            self.fail(500, f"model error: {type(e).__name__}: {e}", "model_error")
+            return
+        full = n >= self.kwargs["max_sentences"]
+        self.channel.put(Done(self.index, "length" if full else "stop", self.prompt_tokens, n))
+
+
 # ---- the worker thread ---------------------------------------------------------------------------------------
 
 
