@@ -197,6 +197,24 @@ def test_eval_reports_bits_and_the_autoencoder_figures(run):
     assert 0 < ev["codebooks"][0]["usage"] <= 1 and ev["codebooks"][0]["perplexity"] >= 1
 
 
+def test_the_plan_route_shows_segments_and_codes_per_level(run):
+    """The playground's plan view of an autoencoder: each step's planned and written codes, and the whole text's
+    segments with their codes."""
+    pytest.importorskip("fastapi")
+    from test_serve import call
+
+    from sentcode.serve.config import ServeConfig
+    from sentcode.serve.server import BackgroundServer
+
+    with BackgroundServer(run, ServeConfig(port=0)) as server:
+        status, r, _ = call(server, "/v1/plan", {"prompt": "The state of the Union", "max_tokens": 4, "seed": 1})
+        assert status == 200 and r["family"] == "hier" and 1 <= len(r["segments"]) <= 4
+        assert r["text"] == "The state of the Union" + "".join(s["text"] for s in r["segments"])
+        levels = r["levels"]
+        assert sum(levels["segments"]) == len(r["text"].encode()) and len(levels["codes"]) == len(levels["segments"])
+        assert all(len(s["planned"]) == len(s["written"]) == levels["levels"] for s in r["segments"])
+
+
 def test_with_code_dropout_the_better_of_two_exact_codes_is_reported(run):
     import sentcode
     from sentcode.eval.hier import evaluate_hier

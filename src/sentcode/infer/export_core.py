@@ -31,6 +31,7 @@ def _swap(gen, parts: dict | None) -> None:
     """Point ``gen`` at the exported parts (``parts``), or back at its model's own (None)."""
     m = gen.model
     gen.render = parts["renderer"].render if parts else m.render
+    gen.render_loop = parts["renderer"].token_loop if parts else None
     gen.planner = parts["planner"].stack if parts else m.planner
     gen.encoder_states = parts["encoder"].stack if parts else None
 

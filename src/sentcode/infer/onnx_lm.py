@@ -58,7 +58,7 @@ class OnnxLM:
     training = False
 
     def __init__(self, path: Path, cfg, threads: int | None = None, spin: bool = True):
-        self.cfg, self.path, self.threads = cfg, Path(path), threads
+        self.cfg, self.path, self.threads, self.spin = cfg, Path(path), threads, spin
         self.session = ort_session(path, threads, spin)
         self.inputs = {i.name for i in self.session.get_inputs()}
         self._loop = None
@@ -78,13 +78,20 @@ class OnnxLM:
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in range(self.cfg.n_layer)]
 
+    def rope_rows(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rotary rows [n, head_dim / 2] for positions start .. start + n - 1, by the model's rule."""
+        if 0 <= start and start + n <= len(self.tables[0]):
+            return tuple(np.ascontiguousarray(t[start:start + n]) for t in self.tables)
+        cos, sin = rope_cos_sin(torch.arange(start, start + n), self.head_dim, self.cfg.rope_theta)
+        return cos.numpy(), sin.numpy()
+
     def token_loop(self, top_p: float | None):
-        """The decode loop in one graph (``onnx_loop``), for a flat LM's export when it serves the request;
-        built on first use."""
+        """The decode loop in one graph (``onnx_loop``), for an export that writes tokens (a flat LM or a
+        renderer) when it serves the request; built on first use."""
         from sentcode.infer.onnx_loop import DecodeLoop
 
-        flat_lm = "idx" in self.inputs and "cond" not in self.inputs and self.session.get_outputs()[0].name == "logits"
-        if not flat_lm or not DecodeLoop.serves(self.cfg, top_p):
+        writes = "idx" in self.inputs and self.session.get_outputs()[0].name == "logits"
+        if not writes or not DecodeLoop.serves(self.cfg, top_p):
             return None
         if self._loop is None:
             self._loop = DecodeLoop(self, self.path)
@@ -110,11 +117,7 @@ class OnnxLM:
         else:  # a stack fed vectors (the planner)
             feeds = {"x": np.ascontiguousarray(idx.detach().float().numpy())}
         if "cos" in self.inputs:
-            if 0 <= start_pos and start_pos + T <= len(self.tables[0]):
-                cos, sin = (t[start_pos:start_pos + T] for t in self.tables)
-            else:
-                pos = torch.arange(start_pos, start_pos + T)
-                cos, sin = (t.numpy() for t in rope_cos_sin(pos, self.head_dim, self.cfg.rope_theta))
+            cos, sin = self.rope_rows(start_pos, T)
             feeds["cos"] = np.ascontiguousarray(np.broadcast_to(cos, (B, T, cos.shape[-1])))
             feeds["sin"] = np.ascontiguousarray(np.broadcast_to(sin, (B, T, sin.shape[-1])))
         if T == 1 and pad_mask is None and self.slopes is None:  # one query: every cached key inside its window

@@ -1,15 +1,19 @@
-"""The flat LM's token loop inside one ONNX graph: many decode steps, sampling included, per ONNX Runtime call.
+"""A token loop inside one ONNX graph: many decode steps, sampling included, per ONNX Runtime call (the flat LM's,
+and the sentence-step renderer's within a segment).
 
 Why: at batch 1 a decode step of a small model costs about as much outside the graph as inside it (building the
-feeds, ONNX Runtime's per-call work, PyTorch's sampler between calls: ~0.4 ms a token, measured). Here the
-exported step (``model.onnx``, fp32 or int8) becomes the body of an ONNX ``Loop``: each iteration computes its
-rotary rows and mask, runs the step, picks the next token and feeds it back, and stops after a stop id. Python
-runs once per chunk of ``CHUNK`` tokens. The graph is assembled in memory from the export (graph surgery with
-``onnx.helper``: no exporter, no second file to keep in step with the first).
+feeds, ONNX Runtime's per-call work, PyTorch's sampler between calls: ~0.4 ms a token, measured). Here an
+exported step (``LMStep`` or ``RendererStep``, fp32 or int8) becomes the body of an ONNX ``Loop``: each iteration
+takes its rotary rows (computed outside by the model's rule, one row per iteration) and builds its mask (keys
+inside the window), runs the step (with the renderer's condition), picks the next token, feeds it back, and stops
+after a stop id or a token at or above ``end_from`` (the renderer's end-of-segment symbol). Python runs once per
+call. The graph is assembled in memory from the export (graph surgery with ``onnx.helper``: no exporter, no second
+file to keep in step with the first).
 
 The same tokens as ``engine.generate_ids``: greedy is the argmax of the logits; sampling is the one-sample form
 of ``torch.multinomial`` (``argmax(probs / E)`` with ``E ~ Exp(1)`` drawn by the request's ``torch.Generator``,
-one row of the vocabulary's size per token, as ``multinomial`` draws them), with ``probs`` computed as
+one row of the vocabulary's size per token, as ``multinomial`` draws them; rows drawn for steps a stop made
+unnecessary are given back, so the generator is where the per-token loop leaves it), with ``probs`` computed as
 ``sample_next`` does (divide by the temperature, top-k mask, softmax). Nucleus sampling and ALiBi models take the
 per-token path.
 """
@@ -21,9 +25,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from sentcode.nn.layers import rope_cos_sin
 
-CHUNK = 32  # tokens per ONNX Runtime call: a stream's tokens arrive in bursts of this size
+CHUNK = 32  # flat LM: tokens per ONNX Runtime call (a stream's tokens arrive in bursts of this size)
 _NO_WINDOW = 1 << 40
 
 
@@ -49,7 +52,7 @@ def _topk_branches(helper, TP):
 
 
 def loop_graph(step, cfg):
-    """The decode loop around ``step`` (an ``onnx.ModelProto`` from ``LMStep``, batch 1)."""
+    """The decode loop around ``step`` (an ``onnx.ModelProto`` from ``LMStep`` or ``RendererStep``, batch 1)."""
     from onnx import TensorProto as TP
     from onnx import helper, numpy_helper
 
@@ -60,22 +63,26 @@ def loop_graph(step, cfg):
     assert not clash, f"the step graph already uses names the loop needs: {clash[:3]}"
     past = [f"past_{k}_{i}" for i in range(L) for k in ("key", "value")]
     present = [f"present_{k}_{i}" for i in range(L) for k in ("key", "value")]
+    conditioned = any(i.name == "cond" for i in g.input)
     then, other = _topk_branches(helper, TP)
     nodes = [
         _const("lp_one", 1), _const("lp_zero", 0), _const("lp_ax0", [0]), _const("lp_row", [1, 1, -1]),
-        _const("lp_mask_shape", [1, 1, 1, -1]), _const("lp_vocab_row", [1, -1]),
-        # the step's inputs for one token at position lp_pos: rotary rows, and the mask (keys inside the window)
+        _const("lp_mask_shape", [1, 1, 1, -1]), _const("lp_vocab_row", [1, -1]), _const("lp_flat", [-1]),
+        # the step's inputs for one token: this iteration's rotary rows, and the mask (keys inside the window)
         helper.make_node("Identity", ["lp_tok"], ["idx"]),
-        helper.make_node("Unsqueeze", ["lp_pos", "lp_ax0"], ["lp_posv"]),
-        helper.make_node("Gather", ["lp_cos_table", "lp_posv"], ["lp_cos"]),
-        helper.make_node("Gather", ["lp_sin_table", "lp_posv"], ["lp_sin"]),
+        helper.make_node("Unsqueeze", ["lp_iter", "lp_ax0"], ["lp_iterv"]),
+        helper.make_node("Gather", ["lp_cos_rows", "lp_iterv"], ["lp_cos"]),
+        helper.make_node("Gather", ["lp_sin_rows", "lp_iterv"], ["lp_sin"]),
         helper.make_node("Reshape", ["lp_cos", "lp_row"], ["cos"]),
         helper.make_node("Reshape", ["lp_sin", "lp_row"], ["sin"]),
-        helper.make_node("Add", ["lp_pos", "lp_one"], ["lp_n_keys"]),
+        helper.make_node("Shape", ["past_key_0"], ["lp_cached"], start=2, end=3),
+        helper.make_node("Add", ["lp_cached", "lp_one"], ["lp_n_keys_1"]),
+        helper.make_node("Squeeze", ["lp_n_keys_1"], ["lp_n_keys"]),
         helper.make_node("Range", ["lp_zero", "lp_n_keys", "lp_one"], ["lp_keys"]),
         helper.make_node("Sub", ["lp_n_keys", "lp_window"], ["lp_first_key"]),
         helper.make_node("GreaterOrEqual", ["lp_keys", "lp_first_key"], ["lp_inside"]),
         helper.make_node("Reshape", ["lp_inside", "lp_mask_shape"], ["mask"]),
+        *([helper.make_node("Identity", ["lp_cond"], ["cond"])] if conditioned else []),
         *g.node,
         # the next token, as sample_next picks it
         helper.make_node("Reshape", ["logits", "lp_vocab_row"], ["lp_logits"]),
@@ -87,43 +94,54 @@ def loop_graph(step, cfg):
         helper.make_node("Div", ["lp_probs", "lp_e"], ["lp_ratio"]),
         helper.make_node("ArgMax", ["lp_ratio"], ["lp_sampled"], axis=-1, keepdims=1),
         helper.make_node("Where", ["lp_greedy_flag", "lp_greedy", "lp_sampled"], ["lp_next"]),
-        helper.make_node("Add", ["lp_pos", "lp_one"], ["lp_pos_next"]),
+        # its log-probability under the unscaled distribution (what reranking sums)
+        helper.make_node("LogSoftmax", ["lp_logits"], ["lp_logp"], axis=-1),
+        helper.make_node("GatherElements", ["lp_logp", "lp_next"], ["lp_chosen"], axis=1),
+        helper.make_node("Reshape", ["lp_chosen", "lp_flat"], ["lp_emitted_lp"]),
+        # stop after a stop id, or a token at or above end_from
         helper.make_node("Equal", ["lp_next", "lp_stop_ids"], ["lp_hits"]),
         helper.make_node("Cast", ["lp_hits"], ["lp_hits_i"], to=TP.INT64),
         helper.make_node("ReduceMax", ["lp_hits_i"], ["lp_hit"], keepdims=0),
         helper.make_node("Cast", ["lp_hit"], ["lp_stopped"], to=TP.BOOL),
-        helper.make_node("Not", ["lp_stopped"], ["lp_go_on"]),
+        helper.make_node("Reshape", ["lp_next", "lp_flat"], ["lp_next_flat"]),
+        helper.make_node("GreaterOrEqual", ["lp_next_flat", "lp_end_from"], ["lp_ended_v"]),
+        helper.make_node("Squeeze", ["lp_ended_v"], ["lp_ended"]),
+        helper.make_node("Or", ["lp_stopped", "lp_ended"], ["lp_over"]),
+        helper.make_node("Not", ["lp_over"], ["lp_go_on"]),
         helper.make_node("Identity", ["lp_next"], ["lp_emitted"]),
     ]
     vi = helper.make_tensor_value_info
     body = helper.make_graph(
         nodes, "decode_step",
-        [vi("lp_iter", TP.INT64, []), vi("lp_cond", TP.BOOL, []), vi("lp_tok", TP.INT64, None),
-         vi("lp_pos", TP.INT64, []), *(vi(n, TP.FLOAT, None) for n in past)],
-        [vi("lp_go_on", TP.BOOL, []), vi("lp_next", TP.INT64, None), vi("lp_pos_next", TP.INT64, []),
-         *(vi(n, TP.FLOAT, None) for n in present), vi("lp_emitted", TP.INT64, None)])
-    cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len), hd, cfg.rope_theta)
+        [vi("lp_iter", TP.INT64, []), vi("lp_cond_in", TP.BOOL, []), vi("lp_tok", TP.INT64, None),
+         *(vi(n, TP.FLOAT, None) for n in past)],
+        [vi("lp_go_on", TP.BOOL, []), vi("lp_next", TP.INT64, None),
+         *(vi(n, TP.FLOAT, None) for n in present), vi("lp_emitted", TP.INT64, None),
+         vi("lp_emitted_lp", TP.FLOAT, None)])
     window = cfg.attn_window if cfg.attn_window is not None else _NO_WINDOW
-    inits = [*g.initializer, numpy_helper.from_array(cos.numpy(), "lp_cos_table"),
-             numpy_helper.from_array(sin.numpy(), "lp_sin_table"),
-             numpy_helper.from_array(np.array(window, np.int64), "lp_window")]
-    loop = helper.make_node("Loop", ["n_steps", "", "first_token", "first_pos", *(f"in_{n}" for n in past)],
-                            ["last_token", "last_pos", *(f"out_{n}" for n in present), "tokens"], body=body)
+    inits = [*g.initializer, numpy_helper.from_array(np.array(window, np.int64), "lp_window")]
+    loop = helper.make_node("Loop", ["n_steps", "", "first_token", *(f"in_{n}" for n in past)],
+                            ["last_token", *(f"out_{n}" for n in present), "tokens", "logprobs"], body=body)
     cache = [1, kv, "past", hd]
+    inputs = [vi("n_steps", TP.INT64, []), vi("first_token", TP.INT64, [1, 1]),
+              vi("lp_cos_rows", TP.FLOAT, ["steps", hd // 2]), vi("lp_sin_rows", TP.FLOAT, ["steps", hd // 2]),
+              vi("lp_temperature", TP.FLOAT, []), vi("lp_greedy_flag", TP.BOOL, []), vi("lp_use_top_k", TP.BOOL, []),
+              vi("lp_k", TP.INT64, [1]), vi("lp_exp_noise", TP.FLOAT, ["steps", 1, cfg.vocab_size]),
+              vi("lp_stop_ids", TP.INT64, ["stops"]), vi("lp_end_from", TP.INT64, [1]),
+              *(vi(f"in_{n}", TP.FLOAT, cache) for n in past)]
+    if conditioned:
+        inputs.append(vi("lp_cond", TP.FLOAT, [1, 1, cfg.d_model]))
     outer = helper.make_graph(
-        [loop], "decode_loop",
-        [vi("n_steps", TP.INT64, []), vi("first_token", TP.INT64, [1, 1]), vi("first_pos", TP.INT64, []),
-         vi("lp_temperature", TP.FLOAT, []), vi("lp_greedy_flag", TP.BOOL, []), vi("lp_use_top_k", TP.BOOL, []),
-         vi("lp_k", TP.INT64, [1]), vi("lp_exp_noise", TP.FLOAT, ["steps", 1, cfg.vocab_size]),
-         vi("lp_stop_ids", TP.INT64, ["stops"]), *(vi(f"in_{n}", TP.FLOAT, cache) for n in past)],
-        [vi("last_token", TP.INT64, None), vi("last_pos", TP.INT64, None),
-         *(vi(f"out_{n}", TP.FLOAT, None) for n in present), vi("tokens", TP.INT64, None)],
+        [loop], "decode_loop", inputs,
+        [vi("last_token", TP.INT64, None), *(vi(f"out_{n}", TP.FLOAT, None) for n in present),
+         vi("tokens", TP.INT64, None), vi("logprobs", TP.FLOAT, None)],
         initializer=inits)
     return helper.make_model(outer, opset_imports=list(step.opset_import), ir_version=step.ir_version)
 
 
 class DecodeLoop:
-    """The loop graph of an ``OnnxLM``'s flat-LM export, and ``generate_ids``'s policy around it."""
+    """The loop graph of an ``OnnxLM``'s export (a flat LM or a renderer): ``run`` one call, ``generate`` the flat
+    LM's ``generate_ids`` around it."""
 
     def __init__(self, lm, path):
         import onnx
@@ -131,18 +149,52 @@ class DecodeLoop:
         from sentcode.infer.onnx_lm import ort_session
 
         self.lm, self.cfg = lm, lm.cfg
-        self.session = ort_session(loop_graph(onnx.load(str(path)), self.cfg).SerializeToString(), lm.threads)
+        self.hd = self.cfg.d_model // self.cfg.n_head
+        self.session = ort_session(loop_graph(onnx.load(str(path)), self.cfg).SerializeToString(), lm.threads,
+                                   lm.spin)
+        self.past = [f"in_past_{k}_{i}" for i in range(self.cfg.n_layer) for k in ("key", "value")]
 
     @staticmethod
     def serves(cfg, top_p: float | None) -> bool:
         return cfg.pos == "rope" and (top_p is None or top_p >= 1.0)
 
-    def _prefill(self, ids: list[int]) -> list[np.ndarray]:
+    def empty_cache(self) -> list[np.ndarray]:
+        return [np.zeros((1, self.cfg.n_kv_head, 0, self.hd), np.float32)] * (2 * self.cfg.n_layer)
+
+    def run(self, first: int, pos: int, cache: list[np.ndarray], n: int, temperature: float, top_k: int | None,
+            generator: torch.Generator | None, stop_ids: tuple[int, ...] = (), end_from: int | None = None,
+            cond: torch.Tensor | None = None) -> tuple[list[int], list[float], list[np.ndarray]]:
+        """Feed ``first`` at position ``pos`` after ``cache`` (per layer: key, value arrays) and write up to ``n``
+        tokens: (tokens, their log-probs, the cache after every token fed). The loop stops after a stop id or a
+        token >= ``end_from``; that last token is returned but not fed, like any ``n``-th token."""
+        V = self.cfg.vocab_size
+        greedy = temperature == 0 or top_k == 1
+        if greedy:
+            noise = np.ones((n, 1, V), np.float32)
+        else:
+            before = generator.get_state()
+            noise = torch.empty(n, 1, V).exponential_(generator=generator).numpy()
+        cos, sin = self.lm.rope_rows(pos, n)
+        feeds = {"n_steps": np.array(n, np.int64), "first_token": np.array([[first]], np.int64),
+                 "lp_cos_rows": cos, "lp_sin_rows": sin, "lp_exp_noise": noise,
+                 "lp_temperature": np.array(1.0 if greedy else temperature, np.float32),
+                 "lp_greedy_flag": np.array(greedy), "lp_use_top_k": np.array(bool(top_k) and not greedy),
+                 "lp_k": np.array([min(top_k or V, V)], np.int64), "lp_stop_ids": np.array([*stop_ids, -1], np.int64),
+                 "lp_end_from": np.array([V if end_from is None else end_from], np.int64),
+                 **dict(zip(self.past, cache))}
+        if cond is not None:
+            feeds["lp_cond"] = np.ascontiguousarray(cond.detach().float().numpy().reshape(1, 1, -1))
+        out = self.session.run(None, feeds)
+        tokens, logprobs = out[-2].reshape(-1).tolist(), out[-1].reshape(-1).tolist()
+        if not greedy and len(tokens) < n:  # give back the rows of the steps not taken
+            generator.set_state(before)
+            torch.empty(len(tokens), 1, V).exponential_(generator=generator)
+        return tokens, logprobs, out[1:1 + len(self.past)]
+
+    def prefill(self, ids: list[int]) -> list[np.ndarray]:
         """The cache of ``ids`` (positions 0..), as the loop's cache inputs."""
-        cfg = self.cfg
         if not ids:
-            empty = np.zeros((1, cfg.n_kv_head, 0, cfg.d_model // cfg.n_head), np.float32)
-            return [empty] * (2 * cfg.n_layer)
+            return self.empty_cache()
         cache = self.lm.new_cache()
         self.lm(torch.tensor([ids]), cache=cache, start_pos=0)
         return [t.numpy() for c in cache for t in (c.k, c.v)]
@@ -150,27 +202,17 @@ class DecodeLoop:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
                  generator: torch.Generator, stop_ids: tuple[int, ...]) -> Iterator[int]:
         """``engine.generate_ids`` with the cache: the same context policy, the same tokens."""
-        cfg, ctx, V = self.cfg, self.cfg.max_seq_len, self.cfg.vocab_size
-        greedy = temperature == 0 or top_k == 1
-        fixed = {"lp_temperature": np.array(1.0 if greedy else temperature, np.float32),
-                 "lp_greedy_flag": np.array(greedy), "lp_use_top_k": np.array(bool(top_k) and not greedy),
-                 "lp_k": np.array([min(top_k or V, V)], np.int64),
-                 "lp_stop_ids": np.array([*stop_ids, -1], np.int64)}
-        past = [f"in_past_{k}_{i}" for i in range(cfg.n_layer) for k in ("key", "value")]
+        ctx = self.cfg.max_seq_len
         ids, start, cache, made = list(prompt_ids), 0, None, 0
         while made < max_new_tokens:
             if len(ids) - start > ctx:  # the window jumps, as in engine.generate_ids
                 start, cache = len(ids) - ctx // 2, None
             if cache is None:
-                cache = self._prefill(ids[start:-1])
+                cache = self.prefill(ids[start:-1])
             n = min(CHUNK, max_new_tokens - made, ctx - (len(ids) - start) + 1)
-            noise = (np.ones((n, 1, V), np.float32) if greedy
-                     else torch.empty(n, 1, V).exponential_(generator=generator).numpy())
-            out = self.session.run(None, {"n_steps": np.array(n, np.int64), "first_token": np.array([[ids[-1]]]),
-                                          "first_pos": np.array(len(ids) - 1 - start, np.int64),
-                                          "lp_exp_noise": noise, **fixed, **dict(zip(past, cache))})
-            cache = out[2:2 + len(past)]
-            for tok in out[-1].reshape(-1).tolist():
+            tokens, _, cache = self.run(ids[-1], len(ids) - 1 - start, cache, n, temperature, top_k, generator,
+                                        stop_ids)
+            for tok in tokens:
                 ids.append(tok)
                 made += 1
                 yield tok

@@ -77,6 +77,7 @@ class StepLMGenerator:
         # The model's parts that generation calls, replaceable by their ONNX exports (``use_onnx_core``): the
         # per-byte writer, the planner's stack, and the encoder's stack over ids (None: the model's own).
         self.render = model.render
+        self.render_loop = None  # an exported renderer's token loop (``OnnxLM.token_loop``): a segment per call
         self.planner = model.planner
         self.encoder_states = None
 
@@ -141,11 +142,14 @@ class StepLMGenerator:
         logits = self.render(x, state.cond.expand(1, len(ids), -1), state.render_pos, state.render_cache)
         state.render_pos += len(ids)
         trim_cache(state.render_cache, self.model.cfg.window)
+        self._extend_stream(state, ids)
+        return logits[:, -1]
+
+    def _extend_stream(self, state: _State, ids: list[int]) -> None:
         state.stream.extend(ids)  # read from its end only; cut back now and then, not copied at every byte
         keep = self.model.cfg.window + self.max_bytes + 1
         if len(state.stream) > 4 * keep:
             del state.stream[:-keep]
-        return logits[:, -1]
 
     def _write(self, state: _State, prefix: bytes, temperature, top_k, top_p, gen,
                score: bool = True) -> tuple[bytes, float]:
@@ -153,6 +157,9 @@ class StepLMGenerator:
         when not ``score``: only reranking reads it)."""
         if self.model.cfg.context_dropout >= 1:  # each segment is written from its own bytes only
             state.render_cache = self.model.renderer.new_cache()
+        loop = self.render_loop(top_p) if self.render_loop is not None else None
+        if loop is not None:
+            return self._write_in_graph(loop, state, prefix, temperature, top_k, gen)
         logits = self._feed(state, [self.bos] + list(prefix))
         out, lp = [], 0.0
         while len(prefix) + len(out) < self.max_bytes:
@@ -163,7 +170,38 @@ class StepLMGenerator:
                 break
             out.append(nxt)
             logits = self._feed(state, [nxt])
-        return (bytes(out) if self.symbols == 256 else out), lp
+        return self._symbols(out), lp
+
+    def _write_in_graph(self, loop, state: _State, prefix: bytes, temperature, top_k, gen) -> tuple[bytes, float]:
+        """``_write`` with the whole segment in one call of the exported renderer's loop (``onnx_loop``): the same
+        tokens, log-probs, caches and random numbers as the byte-by-byte loop above."""
+        from sentcode.nn import LayerCache
+
+        ids = [self.bos] + list(prefix)
+        n = self.max_bytes - len(prefix)  # tokens the byte loop may sample
+        if n <= 0:
+            self._feed(state, ids)
+            return self._symbols([]), 0.0
+        if len(ids) > 1:
+            self._feed(state, ids[:-1])
+        cache = [t.numpy() for c in state.render_cache for t in (c.k, c.v)] if state.render_cache[0].k is not None \
+            else loop.empty_cache()
+        tokens, lps, cache = loop.run(ids[-1], state.render_pos, cache, n, temperature, top_k, gen,
+                                      end_from=self.model.cfg.symbols, cond=state.cond)
+        fed = [ids[-1]] + tokens[:-1]  # every token but the last was fed back
+        state.render_cache = [LayerCache(torch.from_numpy(cache[2 * i]), torch.from_numpy(cache[2 * i + 1]))
+                              for i in range(len(state.render_cache))]
+        state.render_pos += len(fed)
+        self._extend_stream(state, fed)
+        trim_cache(state.render_cache, self.model.cfg.window)
+        ended = bool(tokens) and tokens[-1] >= self.model.cfg.symbols
+        out = tokens[:-1] if ended else tokens
+        if not ended and tokens:  # the byte loop feeds the segment's last byte too (its logits go unused)
+            self._feed(state, tokens[-1:])
+        return self._symbols(out), sum(lps)
+
+    def _symbols(self, out: list[int]):
+        return bytes(out) if self.symbols == 256 else out
 
     def _prime(self, segments: list[bytes]) -> tuple[_State, bytes]:
         """The state after reading the prompt's completed segments, and the segment in progress."""
