@@ -2,7 +2,7 @@
 trained at once (one thread each, side by side), then test bits per byte on the same bytes and batch-1
 generation speed (both with their KV caches, 2 threads, one after the other, median of 3 after a warm-up).
 
-    python benchmarks/steplm_vs_flat.py --minutes 5 [--set model.levels=4 ...] [--name NAME]
+    python benchmarks/steplm_vs_flat.py --minutes 5 [--set model.levels=4 ...] [--backend torch onnx] [--name NAME]
     python benchmarks/steplm_vs_flat.py --batch-speed NAME [--work DIR]  # add batch-1 and batch-8 speeds
     python benchmarks/steplm_vs_flat.py --blind NAME [--work DIR]   # add the renderer-alone figure to an earlier result
 
@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--role", choices=["flat", "steplm"], help=argparse.SUPPRESS)
     ap.add_argument("--blind", metavar="NAME", help="add the renderer-alone test bpb to results/NAME.json")
     ap.add_argument("--batch-speed", metavar="NAME", help="add batch 1 and 8 generation speeds to results/NAME.json")
+    ap.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "onnx"],
+                    help="generation backends whose batch-1 speed is measured (default torch; onnx: the checked "
+                         "exports, extra 'onnx')")
     args = ap.parse_args()
     if args.blind:
         return add_blind(args.blind, args.work)
@@ -174,32 +177,39 @@ def main() -> None:
     rows = {
         "flat": {"params": sum(p.numel() for p in flat.model.parameters()), "bpb": flat_eval["bpb"],
                  "steps": flat_summary["step"], "bytes_seen": flat_summary["tokens_seen"],
-                 "bytes_s": speed(lambda s: flat.generate(PROMPT, max_bytes=400, temperature=0.8, seed=s)),
                  "sample": flat.generate(PROMPT, max_bytes=300, temperature=0.7, seed=0)},
         "steplm": {"params": step.model.num_params(), "bpb": step_eval["bpb"], "eval": step_eval,
                    "steps": step_summary["step"], "positions_seen": step_summary["tokens_seen"],
-                   "bytes_s": speed(lambda s: step.generate(PROMPT, max_sentences=3, temperature=0.8, seed=s)),
                    "sample": step.generate(PROMPT, max_sentences=2, temperature=0.7, seed=0)},
     }
+    for backend in args.backend:  # the two models one after the other on each backend
+        f, g = (flat, step) if backend == "torch" else (sentcode.load(work / "flat", backend=backend),
+                                                        sentcode.load(work / "steplm", backend=backend))
+        key = "bytes_s" if backend == "torch" else f"bytes_s_{backend}"
+        rows["flat"][key] = speed(lambda s: f.generate(PROMPT, max_bytes=400, temperature=0.8, seed=s))
+        rows["steplm"][key] = speed(lambda s: g.generate(PROMPT, max_sentences=3, temperature=0.8, seed=s))
     rows["steplm"]["bpb_renderer_alone"] = blind_bpb(work / "steplm")
     if step.codes:
         rows["steplm"]["bytes_s_rerank4"] = speed(
             lambda s: step.generate(PROMPT, max_sentences=3, temperature=0.8, seed=s, rerank=4))
     ratio = rows["steplm"]["bpb"] / rows["flat"]["bpb"]
-    speedup = rows["steplm"]["bytes_s"] / rows["flat"]["bytes_s"]
+    speedups = {b: rows["steplm"][k] / rows["flat"][k] for b in args.backend
+                for k in ["bytes_s" if b == "torch" else f"bytes_s_{b}"]}
     out = {"command": " ".join(sys.argv), "work": str(work), "minutes": args.minutes, "precision": args.precision,
-           "train_wall_s": wall, "overrides": args.overrides, "rows": rows, "bpb_ratio": ratio, "speedup_b1": speedup}
+           "train_wall_s": wall, "overrides": args.overrides, "rows": rows, "bpb_ratio": ratio,
+           "speedup_b1": speedups.get("torch"), "speedup_b1_by_backend": speedups}
     path = save(args.name, out)
     print(f"\n{machine()}")
     for name, r in rows.items():
-        print(f"{name:8s} params {r['params']:>10,}  test bpb {r['bpb']:.4f}  steps {r['steps']:>6}  "
-              f"bytes/s {r['bytes_s']:8.1f}")
+        speeds = "  ".join(f"{k} {v:8.1f}" for k, v in r.items() if k.startswith("bytes_s"))
+        print(f"{name:8s} params {r['params']:>10,}  test bpb {r['bpb']:.4f}  steps {r['steps']:>6}  {speeds}")
         print(f"         sample: {PROMPT}{r['sample']!r}")
     if "refund_ratio" in step_eval:
         print(f"steplm: plan {step_eval['plan_bpb']:.4f}, render oracle {step_eval['render_bpb_oracle']:.4f}, "
               f"shuffled {step_eval['render_bpb_shuffled']:.4f}, none {step_eval['render_bpb_none']:.4f}, "
               f"refund {step_eval['refund_ratio']:.3f}")
-    print(f"bpb ratio steplm/flat {ratio:.3f}; batch-1 speed ratio {speedup:.2f}x; results in {path}")
+    print(f"bpb ratio steplm/flat {ratio:.3f}; batch-1 speed ratio "
+          f"{', '.join(f'{v:.2f}x ({b})' for b, v in speedups.items())}; results in {path}")
 
 
 if __name__ == "__main__":
