@@ -19,7 +19,8 @@ How rows share one batch (continuous batching):
   is also prefilled again (every row from its own window) when ``pos`` grows past a few contexts under
   sustained traffic, so that RoPE angles stay in the range where float32 keeps them precise.
 - Each row samples with its own temperature, top-k, top-p and seeded generator through the one sampling
-  function, one row at a time, so a seeded request draws the same numbers as ``generate_ids`` would.
+  function's batched form (``sample_rows``: each row's random numbers drawn from its own generator, the softmax
+  and argmax on all rows at once), so a seeded request draws the same numbers as ``generate_ids`` would.
 - A model with the dual-FFN router decodes one row at a time: its experts' capacity is shared by every token
   of a forward, so other rows (and padding) would change a request's result.
 """
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from sentcode.errors import SentcodeError
 from sentcode.nn.device import model_device
-from sentcode.nn.sampling import check_sampling, make_generator, sample_next
+from sentcode.nn.sampling import check_sampling, make_generator, sample_rows
 
 # Rebuild the whole batch's cache when the shared position passes this many contexts (see the module doc).
 _REBASE_CONTEXTS = 4
@@ -224,9 +225,10 @@ class BatchDecoder:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
         events, finished = [], set()
-        for b, row in enumerate(rows):
+        tokens = sample_rows(logits, [(r.req.temperature, r.req.top_k, r.req.top_p) for r in rows],
+                             [r.gen for r in rows])
+        for b, (row, token) in enumerate(zip(rows, tokens)):
             r = row.req
-            token = int(sample_next(logits[b : b + 1], r.temperature, r.top_k, r.top_p, generator=row.gen)[0])
             ev = TokenEvent(row.handle, token, False)
             if r.logprobs is not None:
                 lp = torch.log_softmax(logits[b].float(), dim=-1)
