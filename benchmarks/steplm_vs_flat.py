@@ -201,7 +201,7 @@ def main() -> None:
     path = save(args.name, out)
     print(f"\n{machine()}")
     for name, r in rows.items():
-        speeds = "  ".join(f"{k} {v:8.1f}" for k, v in r.items() if k.startswith("bytes_s"))
+        speeds = "  ".join(f"{k} {v:8.1f}" for k, v in r.items() if k.startswith("bytes_s") and k != "bytes_seen")
         print(f"{name:8s} params {r['params']:>10,}  test bpb {r['bpb']:.4f}  steps {r['steps']:>6}  {speeds}")
         print(f"         sample: {PROMPT}{r['sample']!r}")
     if "refund_ratio" in step_eval:
