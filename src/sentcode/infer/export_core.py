@@ -92,7 +92,7 @@ def use_onnx_core(gen, run_dir: str | Path):
 
     def open_parts(where: Path) -> dict:
         # not spinning: each graph is called between PyTorch calls, whose cores spinning threads would take
-        return {k: OnnxLM(where / f"{k}.onnx", steps[k].cfg, spin=False) for k in CORE_PARTS}
+        return {k: OnnxLM(where / f"{k}.onnx", steps[k].cfg, spin=False, loop_spin=False) for k in CORE_PARTS}
 
     if not is_current(out, run_dir):
         print(f"exporting the renderer, planner and encoder of {run_dir} to ONNX"

@@ -57,8 +57,10 @@ class OnnxLM:
     device = torch.device("cpu")
     training = False
 
-    def __init__(self, path: Path, cfg, threads: int | None = None, spin: bool = True):
-        self.cfg, self.path, self.threads, self.spin = cfg, Path(path), threads, spin
+    def __init__(self, path: Path, cfg, threads: int | None = None, spin: bool = False, loop_spin: bool = True):
+        # spin: the per-call session (prefill, batched decoding, scoring), whose calls alternate with PyTorch work
+        # (sampling a batch's rows); loop_spin: the token loop's session (``token_loop``), which runs alone.
+        self.cfg, self.path, self.threads, self.loop_spin = cfg, Path(path), threads, loop_spin
         self.session = ort_session(path, threads, spin)
         self.inputs = {i.name for i in self.session.get_inputs()}
         self._loop = None

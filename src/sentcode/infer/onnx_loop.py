@@ -151,7 +151,7 @@ class DecodeLoop:
         self.lm, self.cfg = lm, lm.cfg
         self.hd = self.cfg.d_model // self.cfg.n_head
         self.session = ort_session(loop_graph(onnx.load(str(path)), self.cfg).SerializeToString(), lm.threads,
-                                   lm.spin)
+                                   lm.loop_spin)
         self.past = [f"in_past_{k}_{i}" for i in range(self.cfg.n_layer) for k in ("key", "value")]
 
     @staticmethod
