@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sentcode.errors import SentcodeError
-from sentcode.infer.onnx_lm import ONNX_EXTRA, import_onnxruntime
+from sentcode.infer.ort import ONNX_EXTRA, import_onnxruntime
 
 RUN_EXPORT_DIR = "onnx"  # where ``backend="onnx"`` keeps a run's checked export, inside the run directory
 LOGIT_TOL = 1e-3  # fp32: largest output difference allowed, relative to the largest output magnitude (at least 1)

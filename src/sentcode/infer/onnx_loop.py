@@ -25,6 +25,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from sentcode.infer.ort import ort_session
+
 
 CHUNK = 32  # flat LM: tokens per ONNX Runtime call (a stream's tokens arrive in bursts of this size)
 _NO_WINDOW = 1 << 40
@@ -145,8 +147,6 @@ class DecodeLoop:
 
     def __init__(self, lm, path):
         import onnx
-
-        from sentcode.infer.onnx_lm import ort_session
 
         self.lm, self.cfg = lm, lm.cfg
         self.hd = self.cfg.d_model // self.cfg.n_head
