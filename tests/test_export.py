@@ -127,11 +127,23 @@ def test_onnx_backend_generates_the_same_tokens(trained_run, exported):
 
 
 def test_onnx_backend_batches_left_padded_rows_like_torch(trained_run, exported):
+    """The batch decoder on the export runs several steps of every row per call (the loop in the graph): the same
+    tokens as PyTorch step by step, for left-padded rows with their own settings, seeds and stop ids, rows that join
+    and leave, past the context; nucleus rows and log-probs take the per-step path."""
     torch_gen, onnx_gen = sentcode.load(trained_run[0]), sentcode.load(exported[0])
     tok = torch_gen.tokenizer
     reqs = [BatchRequest([tok.eos_id] + tok.encode(p), 20, temperature=0.0)
             for p in ("We", "The state of the Union", "Our nation is")]
     assert generate_batch(torch_gen.model, reqs, max_batch=3) == generate_batch(onnx_gen.model, reqs, max_batch=3)
+    prompts = ("We", "The state of the Union", "Our nation is", "Congress", "Let us")
+    mixed = [BatchRequest([tok.eos_id] + tok.encode(p), 50 + 30 * i, temperature=(0.0, 0.9, 1.2)[i % 3],
+                          top_k=(None, 7)[i % 2], seed=i, stop_ids=(tok.encode(" ")[0],) if i == 3 else ())
+             for i, p in enumerate(prompts)]
+    want = generate_batch(torch_gen.model, mixed, max_batch=3)
+    assert generate_batch(onnx_gen.model, mixed, max_batch=3) == want
+    assert want[3][-1] == tok.encode(" ")[0] and max(len(w) for w in want) > onnx_gen.context  # stopped; jumped
+    nucleus = [BatchRequest([tok.eos_id] + tok.encode("We"), 30, temperature=1.0, top_p=0.8, seed=1), mixed[1]]
+    assert generate_batch(onnx_gen.model, nucleus, max_batch=2) == generate_batch(torch_gen.model, nucleus, max_batch=2)
 
 
 def test_int8_export_keeps_bits_per_byte(trained_run, tmp_path):

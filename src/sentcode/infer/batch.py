@@ -165,6 +165,9 @@ class BatchDecoder:
             self.waiting = moved + self.waiting
 
     def _decode(self) -> list[TokenEvent]:
+        loop = self._token_loop()
+        if loop is not None:
+            return self._decode_in_graph(loop)
         B = len(self.rows)
         idx = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)
         pad = torch.cat([self.pad, torch.ones(B, 1, dtype=torch.bool, device=self.device)], dim=1)
@@ -172,6 +175,37 @@ class BatchDecoder:
         self.pad = pad
         self.pos += 1
         return self._sample(self.rows, logits)
+
+    def _token_loop(self):
+        """An ONNX export's token loop (``onnx_loop``), when every row can use it (no nucleus sampling, no
+        log-probs asked for)."""
+        if not hasattr(self.model, "token_loop"):
+            return None
+        if any(r.req.logprobs is not None or (r.req.top_p is not None and r.req.top_p < 1) for r in self.rows):
+            return None
+        return self.model.token_loop(None)
+
+    def _decode_in_graph(self, loop) -> list[TokenEvent]:
+        """Several decode steps of every row in one call of the loop: as many as no row's window, token budget or
+        stop id ends first (rows join and leave at chunk boundaries); the same tokens as step by step."""
+        from sentcode.infer.onnx_loop import CHUNK
+        from sentcode.nn.attention import LayerCache
+
+        rows = self.rows
+        n = min(CHUNK, min(r.req.max_new_tokens - r.new for r in rows),
+                min(self.ctx - (len(r.ids) - r.start) + 1 for r in rows))
+        cache = [t.numpy() for c in self.cache for t in (c.k, c.v)]
+        steps, _, cache = loop.run_rows([r.ids[-1] for r in rows], self.pos, cache, self.pad.numpy(), n,
+                                        [(r.req.temperature, r.req.top_k) for r in rows], [r.gen for r in rows],
+                                        [tuple(r.stop_ids) for r in rows])
+        self.cache = [LayerCache(torch.from_numpy(cache[2 * i]), torch.from_numpy(cache[2 * i + 1]))
+                      for i in range(len(self.cache))]
+        self.pad = torch.cat([self.pad, torch.ones(len(rows), len(steps), dtype=torch.bool)], dim=1)
+        self.pos += len(steps)
+        events = []
+        for tokens in steps:  # only the last step can end a row: the chunk ends with the first stop
+            events += self._emit(list(self.rows), tokens)
+        return events
 
     def _prefill(self) -> list[TokenEvent]:
         rows, self.waiting = self.waiting, []
@@ -224,9 +258,13 @@ class BatchDecoder:
             self.pad = self.pad[:, first:]
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
-        events, finished = [], set()
         tokens = sample_rows(logits, [(r.req.temperature, r.req.top_k, r.req.top_p) for r in rows],
                              [r.gen for r in rows])
+        return self._emit(rows, tokens, logits)
+
+    def _emit(self, rows: list[_Row], tokens: list[int], logits: torch.Tensor | None = None) -> list[TokenEvent]:
+        """Each row's new token as an event (with its log-probs when asked for); rows that end leave the batch."""
+        events, finished = [], set()
         for b, (row, token) in enumerate(zip(rows, tokens)):
             r = row.req
             ev = TokenEvent(row.handle, token, False)
