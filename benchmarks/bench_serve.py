@@ -50,6 +50,23 @@ class Server:
             raise SystemExit(f"server did not start: {seen}{self.proc.stdout.read()}")
         self.host, self.port = m.group(1), int(m.group(2))
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain the access log
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        """The server listens at once and loads its run behind it (503 meanwhile): wait until /health says ok."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                conn.request("GET", "/health")
+                status = conn.getresponse().status
+                conn.close()
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("the server did not become ready")
 
     def post(self, path: str, body: dict) -> tuple[int, dict]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=600)

@@ -264,7 +264,7 @@ runs, when sampling). Needs pip install 'sentcode[lmeval]'.""")
 def _add_backend(p) -> None:
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="flat LM: onnx runs it with ONNX Runtime, exported and checked into RUN_DIR/onnx on first "
-                        "use (extra 'onnx'; 3 x faster at batch 1 on a 2-core CPU, measured); default torch")
+                        "use (extra 'onnx'; 2.6-3.5 x faster at batch 1, 2.7 x at batch 8 on a 2-core CPU, measured); default torch")
 
 
 _SENTENCE_COMMANDS = ("pipeline", "sentences", "encoder", "embed", "rvq", "hier")

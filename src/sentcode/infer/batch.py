@@ -21,6 +21,9 @@ How rows share one batch (continuous batching):
 - Each row samples with its own temperature, top-k, top-p and seeded generator through the one sampling
   function's batched form (``sample_rows``: each row's random numbers drawn from its own generator, the softmax
   and argmax on all rows at once), so a seeded request draws the same numbers as ``generate_ids`` would.
+- On an ONNX export (``OnnxLM``) the decode steps run inside its token loop (``onnx_loop``): up to 32 steps of
+  every row per call, as many as no row's window, token budget or stop id ends first, so rows join and leave at
+  chunk boundaries; the same tokens as step by step. Nucleus sampling and log-probs keep the per-step path.
 - A model with the dual-FFN router decodes one row at a time: its experts' capacity is shared by every token
   of a forward, so other rows (and padding) would change a request's result.
 """
