@@ -126,3 +126,19 @@ def test_the_page_is_served_with_a_strict_policy(multi):
         assert call(multi, f"/page/{name}")[0] == 200
     assert call(multi, "/page/..%2Fapp.py")[0] == 404
     assert "access-control-allow-origin" not in {k.lower() for k in headers}
+
+
+def test_the_card_reads_the_runs_held_out_figure(tmp_path):
+    """The model card's held-out bits per byte: the run's own test evaluation, else the training loop's last
+    validation pass, else nothing."""
+    import json
+
+    from sentcode.serve.state import heldout_bpb
+
+    assert heldout_bpb(None) is None and heldout_bpb(tmp_path) is None
+    (tmp_path / "train_summary.json").write_text(json.dumps({"final_eval": None, "last_eval": {"bpb": 2.5}}))
+    assert heldout_bpb(tmp_path) == {"bpb": 2.5, "split": "validation"}
+    (tmp_path / "demo.json").write_text(json.dumps({"bpb": 2.25}))
+    assert heldout_bpb(tmp_path) == {"bpb": 2.25, "split": "test"}
+    (tmp_path / "eval.json").write_text(json.dumps({"bpb": 2.125}))
+    assert heldout_bpb(tmp_path) == {"bpb": 2.125, "split": "test"}

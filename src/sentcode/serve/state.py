@@ -278,7 +278,9 @@ def heldout_bpb(run_dir) -> dict | None:
     if run_dir is None:
         return None
     run_dir = Path(run_dir)
-    for path, split in ((run_dir / "eval.json", "test"), (run_dir / "eval" / "eval.json", "test")):
+    # the family's own evaluation, the staged recipe's eval stage, the demo's test pass
+    for path, split in ((run_dir / "eval.json", "test"), (run_dir / "eval" / "eval.json", "test"),
+                        (run_dir / "demo.json", "test")):
         try:
             return {"bpb": float(json.loads(path.read_text())["bpb"]), "split": split}
         except (OSError, ValueError, KeyError, TypeError):
