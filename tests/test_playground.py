@@ -117,6 +117,46 @@ def test_bad_serve_commands_are_one_line(trained_run, tmp_path):
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and want in r.stderr, r.stderr
 
 
+def test_a_directory_that_is_not_a_run_is_served_as_failed_beside_the_others(trained_run, tmp_path):
+    """`sentcode serve GOOD BAD`: the server comes up, says why BAD cannot be served (its card, a 503 naming it),
+    and serves GOOD."""
+    import json
+    import re
+    import time
+    import urllib.error
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "sentcode.cli", "serve", str(trained_run[0]), str(tmp_path),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://[\d.]+:\d+", line).group(0)
+        assert "not a sentcode run directory" in proc.stderr.readline()
+
+        def get(path, body=None):
+            req = urllib.request.Request(url + path, None if body is None else json.dumps(body).encode(),
+                                         {"content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        deadline = time.monotonic() + 60
+        while get("/v1/models")[1]["data"][0]["status"] != "ok" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cards = {c["id"]: c for c in get("/v1/models")[1]["data"]}
+        good, bad = trained_run[0].name, tmp_path.name
+        assert cards[good]["status"] == "ok" and cards[bad]["status"] == "failed"
+        assert "not a sentcode run directory" in cards[bad]["error"]
+        status, r = get("/v1/completions", {"model": bad, "prompt": "x", "max_tokens": 2})
+        assert status == 503 and r["error"]["code"] == "load_failed" and r["error"]["param"] == "model"
+        assert get("/v1/completions", {"model": good, "prompt": "We", "max_tokens": 2})[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_the_page_is_served_with_a_strict_policy(multi):
     status, html, headers = call(multi, "/")
     assert status == 200 and "<title>sentcode playground</title>" in html

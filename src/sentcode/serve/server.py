@@ -73,8 +73,6 @@ def _named(runs, names) -> dict:
     out = {}
     for i, run in enumerate(runs):
         name = names[i] if names else (Path(run).resolve().name if isinstance(run, (str, Path)) else None)
-        if isinstance(run, (str, Path)):
-            _check_run(Path(run))
         name = name or default_name(run, ServeConfig())
         if name in out:
             raise SentcodeError(f"two runs would both be served as '{name}': give each its own --model-name")
@@ -139,7 +137,15 @@ def run_server(run_dirs, cfg: ServeConfig | None = None, log_level: str = "info"
     runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     if cfg.model_name and not names and len(runs) == 1:
         names = [cfg.model_name]
-    named = _named(runs, names)  # bad directories and clashing names end here, before anything listens
+    named = _named(runs, names)  # clashing names end here, before anything listens
+    bad = {}  # runs that are not runs: served as failed, with the reason, beside the others
+    for name, run in named.items():
+        try:
+            _check_run(Path(run))
+        except SentcodeError as e:
+            bad[name] = str(e)
+    if len(bad) == len(named):
+        raise SentcodeError(next(iter(bad.values())))
     sock = _listen(cfg.host, cfg.port)
     import uvicorn
 
@@ -150,7 +156,10 @@ def run_server(run_dirs, cfg: ServeConfig | None = None, log_level: str = "info"
     host, port = sock.getsockname()[:2]
     print(f"serving {', '.join(named)} on http://{host}:{port} (playground at /, API docs at /docs); loading "
           f"{'it' if len(named) == 1 else 'them'} now; Ctrl+C stops", flush=True)
-    _load_in_background(app, named, cfg)
+    for name, why in bad.items():
+        app.state.served.states[name].failed = why
+        print(f"  {name}: could not be loaded: {why}", file=sys.stderr, flush=True)
+    _load_in_background(app, {n: r for n, r in named.items() if n not in bad}, cfg)
     server = _server_class()(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30))
     server.run(sockets=[sock])
 
