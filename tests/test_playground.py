@@ -89,6 +89,20 @@ def test_the_plan_route_says_what_each_step_planned_and_wrote(multi):
     assert assert_error(status, r, 400, "temperature")
 
 
+def test_the_staged_recipe_shows_its_plan_too(sentence_run):
+    with BackgroundServer(sentence_run, ServeConfig(port=0)) as server:
+        gen = server.state.gen
+        body = {"prompt": "The state of the Union is strong.", "max_tokens": 2, "seed": 4, "rerank": 2}
+        status, r, _ = call(server, "/v1/plan", body)
+        assert status == 200 and r["family"] == gen.family and r["segments"]
+        assert "".join(s["text"] for s in r["segments"]) == " " + gen.generate(
+            body["prompt"], max_sentences=2, rerank=2, temperature=0.8, seed=4)
+        for seg in r["segments"]:
+            assert len(seg["planned"]) == len(seg["written"]) == gen.levels and len(seg["candidates"]) == 2
+            assert seg["candidates"][seg["chosen"]]["codes"] == seg["written"]
+        assert call(server, "/v1/models")[1]["data"][0]["plan"] is True
+
+
 def test_a_run_still_loading_is_a_clear_503_and_then_serves(trained_run):
     from sentcode.serve.app import build_app
 

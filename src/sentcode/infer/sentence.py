@@ -61,6 +61,15 @@ class Step:
         return self.candidates[self.chosen]
 
 
+def _plan(step: Step, separator: str) -> dict:
+    """A step as the playground's plan view shows it."""
+    cands = [{"text": c.text, "codes": c.codes.tolist(), "agreement": c.agreement, "logprob": c.logprob_per_byte}
+             for c in step.candidates]
+    best = cands[step.chosen]
+    return {"text": separator + best["text"], "planned": step.planned.tolist(), "written": best["codes"],
+            "agreement": best["agreement"], "candidates": cands if len(cands) > 1 else [], "chosen": step.chosen}
+
+
 def level_weights(levels: int) -> np.ndarray:
     return 0.5 ** np.arange(levels)
 
@@ -184,7 +193,7 @@ class SentenceGenerator:
         n = self.default_rerank if rerank is None else max(1, rerank)
         return self._stream(sentences, max_sentences, n, temperature, seed, top_k, top_p)
 
-    def _stream(self, sentences, max_sentences, n, temperature, seed, top_k, top_p) -> Iterator[str]:
+    def _stream(self, sentences, max_sentences, n, temperature, seed, top_k, top_p, plan: bool = False):
         from sentcode.models.sentence.renderer import tail
 
         gen = make_generator(seed, self.renderer.device)
@@ -192,12 +201,22 @@ class SentenceGenerator:
         width = self.renderer.cfg.context_bytes if self.renderer_kind == "ar" else self.nar.cfg.context_bytes
         context = tail(b" ".join(sentences), width)
         for _ in range(max_sentences):
-            best = self.step(history, context, n, temperature, gen, top_k, top_p).best
+            step = self.step(history, context, n, temperature, gen, top_k, top_p)
+            best = step.best
             if not best.data.strip():
                 return
             history = np.concatenate([history, best.codes[None]])
             context = tail(context + b" " + best.data if context else best.data, width)
-            yield best.text
+            yield _plan(step, self.separator) if plan else best.text
+
+    def stream_plan(self, prompt: str | bytes, max_sentences: int = 3, rerank: int | None = None,
+                    temperature: float = 0.8, seed: int | None = None, top_k: int | None = None,
+                    top_p: float | None = None) -> Iterator[dict]:
+        """``stream`` with what each step decided, in ``StepLMGenerator.stream_plan``'s shape (each sentence's
+        text carries the separator before it)."""
+        sentences = self._check(prompt, max_sentences, rerank, temperature, top_k, top_p)
+        n = self.default_rerank if rerank is None else max(1, rerank)
+        return self._stream(sentences, max_sentences, n, temperature, seed, top_k, top_p, plan=True)
 
     def generate(self, prompt: str | bytes, max_sentences: int = 3, rerank: int | None = None, temperature: float = 0.8,
                  seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> str:

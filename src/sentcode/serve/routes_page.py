@@ -48,8 +48,8 @@ def routes(served: Served) -> APIRouter:
     async def plan(body: PlanRequest, request: Request):
         st = served.pick(body.model)
         if not hasattr(st.gen, "stream_plan"):
-            raise ApiError(400, f"model '{st.name}' ({st.label}) has no plan to show: the plan view needs an "
-                           "end-to-end sentence-step or autoencoder run", "model", "unsupported")
+            raise ApiError(400, f"model '{st.name}' ({st.label}) has no plan to show: the plan view needs a "
+                           "sentence-step or autoencoder run", "model", "unsupported")
         n = st.max_tokens(body.max_tokens)
         prompt = st.prompt(body.prompt)
         kwargs = dict(max_sentences=n, rerank=body.rerank, temperature=body.temperature, seed=body.seed,

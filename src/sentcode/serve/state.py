@@ -126,7 +126,7 @@ class ModelState:
         else:
             card["tokenizer"] = {"kind": "bytes", "vocab_size": 256}
             card["plan"] = hasattr(gen, "stream_plan")
-            card["codes"] = bool(getattr(gen, "codes", False))
+            card["codes"] = bool(getattr(gen, "codes", True))  # the staged recipe always plans codes
         return card
 
     # ---- request pieces ----------------------------------------------------------------------------------------
