@@ -89,6 +89,10 @@ def test_decode_loop_in_the_graph_picks_the_tokens_the_engine_picks(window, tmp_
     stopped = list(generate_ids(fast, prompt, 70, temperature=1.0, seed=5, stop_ids=(stop,)))
     assert stopped == free[:free.index(stop) + 1]
     assert list(generate_ids(fast, [2], 3, temperature=0.0)) == list(generate_ids(model, [2], 3, temperature=0.0))
+    # the batch decoder's chunks: left-padded rows of their own settings, in and out of the window, past the context
+    reqs = [BatchRequest(p, 40 + 7 * i, temperature=(0.0, 1.0, 0.8)[i % 3], top_k=(None, 4)[i % 2], seed=i)
+            for i, p in enumerate(([1], [3, 1, 4, 1, 5, 9, 2, 6], [5, 3], [7] * 12, [2, 7, 1]))]
+    assert generate_batch(fast, reqs, max_batch=3) == generate_batch(model, reqs, max_batch=3)
 
 
 @pytest.fixture(scope="module")
