@@ -196,3 +196,9 @@ def test_the_card_reads_the_runs_held_out_figure(tmp_path):
     assert heldout_bpb(tmp_path) == {"bpb": 2.25, "split": "test"}
     (tmp_path / "eval.json").write_text(json.dumps({"bpb": 2.125}))
     assert heldout_bpb(tmp_path) == {"bpb": 2.125, "split": "test"}
+    import os
+
+    (tmp_path / "model.safetensors").write_bytes(b"")  # weights newer than every figure: a resumed run
+    for name in ("eval.json", "demo.json"):
+        os.utime(tmp_path / name, (1_000_000, 1_000_000))
+    assert heldout_bpb(tmp_path) == {"bpb": 2.5, "split": "validation"}

@@ -105,9 +105,10 @@ def cached_test_result(gen, split: str) -> dict | None:
     import json
 
     from sentcode.models.sentence.steplm import WEIGHTS
+    from sentcode.runs.weights import newer_than_weights
 
-    cached, weights = gen.run_dir / "eval.json", gen.run_dir / WEIGHTS
-    if split == "test" and cached.is_file() and weights.is_file() and cached.stat().st_mtime >= weights.stat().st_mtime:
+    cached = gen.run_dir / "eval.json"
+    if split == "test" and (gen.run_dir / WEIGHTS).is_file() and newer_than_weights(cached, gen.run_dir):
         return json.loads(cached.read_text())
     return None
 

@@ -19,8 +19,7 @@ How rows share one batch (continuous batching):
   is also prefilled again (every row from its own window) when ``pos`` grows past a few contexts under
   sustained traffic, so that RoPE angles stay in the range where float32 keeps them precise.
 - Each row samples with its own temperature, top-k, top-p and seeded generator through the one sampling
-  function's batched form (``sample_rows``: each row's random numbers drawn from its own generator, the softmax
-  and argmax on all rows at once), so a seeded request draws the same numbers as ``generate_ids`` would.
+  function, one row at a time, so a seeded request draws the same numbers as ``generate_ids`` would.
 - On an ONNX export (``OnnxLM``) the decode steps run inside its token loop (``onnx_loop``): up to 32 steps of
   every row per call, as many as no row's window, token budget or stop id ends first, so rows join and leave at
   chunk boundaries; the same tokens as step by step. Nucleus sampling and log-probs keep the per-step path.
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 from sentcode.errors import SentcodeError
 from sentcode.nn.device import model_device
-from sentcode.nn.sampling import check_sampling, make_generator, sample_rows
+from sentcode.nn.sampling import check_sampling, make_generator, sample_next
 
 # Rebuild the whole batch's cache when the shared position passes this many contexts (see the module doc).
 _REBASE_CONTEXTS = 4
@@ -261,8 +260,8 @@ class BatchDecoder:
             self.pad = self.pad[:, first:]
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
-        tokens = sample_rows(logits, [(r.req.temperature, r.req.top_k, r.req.top_p) for r in rows],
-                             [r.gen for r in rows])
+        tokens = [int(sample_next(logits[b:b + 1], r.req.temperature, r.req.top_k, r.req.top_p, generator=r.gen)[0])
+                  for b, r in enumerate(rows)]
         return self._emit(rows, tokens, logits)
 
     def _emit(self, rows: list[_Row], tokens: list[int], logits: torch.Tensor | None = None) -> list[TokenEvent]:

@@ -53,36 +53,6 @@ def sample_next(
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
-def sample_rows(logits: torch.Tensor, settings: list[tuple[float, int | None, float | None]],
-                generators: list[torch.Generator | None]) -> list[int]:
-    """``sample_next`` for each row of ``logits`` [B, V] with its own (temperature, top_k, top_p) and generator, the
-    same token each row would get alone, with the rows' shared work done once: ``torch.multinomial`` draws one
-    sample as ``argmax(probs / E)`` with ``E ~ Exp(1)`` from the generator, so the rows' ``E`` are drawn row by row
-    (the same numbers) and the softmax and argmax run on all rows together. Nucleus rows go one by one."""
-    out: list[int | None] = [None] * len(settings)
-    batched = []
-    for b, (t, k, p) in enumerate(settings):
-        if t == 0 or k == 1:
-            out[b] = int(logits[b].argmax())
-        elif p is not None and p < 1.0:
-            out[b] = int(sample_next(logits[b:b + 1], t, k, p, generator=generators[b])[0])
-        else:
-            batched.append(b)
-    if batched:
-        rows = torch.tensor(batched, device=logits.device)
-        temps = torch.tensor([settings[b][0] for b in batched], dtype=torch.float32, device=logits.device)
-        scaled = logits.float().index_select(0, rows) / temps[:, None]
-        for i, b in enumerate(batched):
-            if settings[b][1]:
-                scaled[i:i + 1] = filter_logits(scaled[i:i + 1], settings[b][1], None)
-        probs = torch.softmax(scaled, dim=-1)
-        e = torch.stack([torch.empty(probs.shape[-1], device=logits.device).exponential_(generator=generators[b])
-                         for b in batched])
-        for b, tok in zip(batched, (probs / e).argmax(dim=-1).tolist()):
-            out[b] = tok
-    return out
-
-
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:

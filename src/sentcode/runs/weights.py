@@ -13,6 +13,16 @@ from sentcode.io import atomic_path
 from sentcode.runs import checkpoint as ckpt_io
 
 
+WEIGHTS_FILE = "model.safetensors"  # a run's final weights
+
+
+def newer_than_weights(path: Path, run_dir: Path) -> bool:
+    """``path`` is a file written no earlier than the run's final weights (when it has them): figures it holds
+    were computed from these weights, not from an earlier state of a resumed run."""
+    weights = Path(run_dir) / WEIGHTS_FILE
+    return path.is_file() and (not weights.is_file() or path.stat().st_mtime >= weights.stat().st_mtime)
+
+
 def export_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Final weights as safetensors (shared tensors stored once), written atomically."""
     from safetensors.torch import save_model

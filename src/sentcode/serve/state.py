@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from sentcode.infer.batch import BatchRequest
 from sentcode.infer.scoring import SPECIAL_NAMES
 from sentcode.registry import family_of
+from sentcode.runs.weights import newer_than_weights
 from sentcode.serve.config import SENTENCE_CAP, ServeConfig
 from sentcode.serve.errors import ApiError
 from sentcode.serve.streaming import ClientGone, EventStream
@@ -61,6 +62,7 @@ class ModelState:
         self.unit = fam.unit  # what max_tokens counts
         self.worker = worker or Worker(gen, self.cfg.max_batch).start()
         self.capacity = self.worker.slots + self.cfg.max_queue
+        self.facts = self._facts(gen)  # the card's figures, read once: /v1/models is polled while runs load
         self.gen = gen
 
     @property
@@ -116,18 +118,19 @@ class ModelState:
                 "status": self.status}
         if self.gen is None:
             return {**card, "error": self.failed} if self.failed else card
-        gen = self.gen
-        card.update(family=self.family, label=self.label, max_tokens=self.length_cap(), token_unit=self.unit,
-                    parameters=_parameters(gen), heldout=heldout_bpb(getattr(gen, "run_dir", None)),
-                    backend="onnx" if type(getattr(gen, "model", None)).__name__ == "OnnxLM" else "torch")
+        return {**card, **self.facts}
+
+    def _facts(self, gen) -> dict:
+        facts = dict(family=self.family, label=self.label, max_tokens=self.length_cap(), token_unit=self.unit,
+                     parameters=_parameters(gen), heldout=heldout_bpb(getattr(gen, "run_dir", None)),
+                     backend="onnx" if type(getattr(gen, "model", None)).__name__ == "OnnxLM" else "torch")
         if not self.by_sentence:
             tok = gen.tokenizer
-            card.update(context=gen.context, tokenizer={"kind": tok.kind, "vocab_size": tok.vocab_size})
+            facts.update(context=gen.context, tokenizer={"kind": tok.kind, "vocab_size": tok.vocab_size})
         else:
-            card["tokenizer"] = {"kind": "bytes", "vocab_size": 256}
-            card["plan"] = hasattr(gen, "stream_plan")
-            card["codes"] = bool(getattr(gen, "codes", True))  # the staged recipe always plans codes
-        return card
+            facts.update(tokenizer={"kind": "bytes", "vocab_size": 256}, plan=hasattr(gen, "stream_plan"),
+                         codes=bool(getattr(gen, "codes", True)))  # the staged recipe always plans codes
+        return facts
 
     # ---- request pieces ----------------------------------------------------------------------------------------
 
@@ -273,16 +276,17 @@ def _parameters(gen) -> int | None:
 
 
 def heldout_bpb(run_dir) -> dict | None:
-    """The run's held-out bits per byte as its training left it: the test split's (``eval.json``), else the last
-    validation figure of the training loop."""
+    """The run's held-out bits per byte as its training left it: the test split's (``eval.json``, no older than the
+    run's weights), else the last validation figure of the training loop."""
     if run_dir is None:
         return None
     run_dir = Path(run_dir)
     # the family's own evaluation, the staged recipe's eval stage, the demo's test pass
-    for path, split in ((run_dir / "eval.json", "test"), (run_dir / "eval" / "eval.json", "test"),
-                        (run_dir / "demo.json", "test")):
+    for path in (run_dir / "eval.json", run_dir / "eval" / "eval.json", run_dir / "demo.json"):
+        if not newer_than_weights(path, run_dir):
+            continue
         try:
-            return {"bpb": float(json.loads(path.read_text())["bpb"]), "split": split}
+            return {"bpb": float(json.loads(path.read_text())["bpb"]), "split": "test"}
         except (OSError, ValueError, KeyError, TypeError):
             pass
     try:
@@ -291,7 +295,6 @@ def heldout_bpb(run_dir) -> dict | None:
         return None
     for key in ("final_eval", "last_eval"):
         ev = summary.get(key) or {}
-        for k in ("val_bpb", "bpb"):
-            if isinstance(ev.get(k), (int, float)):
-                return {"bpb": float(ev[k]), "split": "validation"}
+        if isinstance(ev.get("bpb"), (int, float)):
+            return {"bpb": float(ev["bpb"]), "split": "validation"}
     return None

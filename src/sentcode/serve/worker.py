@@ -201,6 +201,19 @@ class Job:
     def fail(self, status: int, message: str, code: str, param: str | None = None) -> None:
         self.channel.put(Failed(self.index, status, message, code, param))
 
+    def guarded(self, body: Callable[[], None], what: str, param: str | None = None) -> bool:
+        """Run ``body``; a SentcodeError fails the request with a 400 (about ``param``), anything else (a bug, a
+        model failure) with a 500, and the server stays up. True when ``body`` finished."""
+        try:
+            body()
+            return True
+        except SentcodeError as e:
+            self.fail(400, str(e), "invalid_request", param)
+        except Exception as e:
+            log.error("%s failed:\n%s", what, traceback.format_exc())
+            self.fail(500, f"model error: {type(e).__name__}: {e}", "model_error")
+        return False
+
 
 class CallJob(Job):
     """Run ``fn(gen)`` on the worker thread and send its result."""
@@ -210,13 +223,7 @@ class CallJob(Job):
         self.fn, self.param = fn, param  # param: the request field a SentcodeError is about
 
     def run(self, gen) -> None:
-        try:
-            self.channel.put(Result(self.index, self.fn(gen)))
-        except SentcodeError as e:
-            self.fail(400, str(e), "invalid_request", self.param)
-        except Exception as e:  # a bug or a model failure: the request fails, the server stays up
-            log.error("model call failed:\n%s", traceback.format_exc())
-            self.fail(500, f"model error: {type(e).__name__}: {e}", "model_error")
+        self.guarded(lambda: self.channel.put(Result(self.index, self.fn(gen))), "model call", self.param)
 
 
 class FlatJob(Job):
@@ -272,31 +279,27 @@ class SentenceJob(Job):
         self.sep_first = sep_first  # start with a space, so that prompt + completion reads as text
 
     def run(self, gen) -> None:
-        n = 0
-        try:
-            for sentence in gen.stream(self.prompt, **self.kwargs):
-                if self.cancelled.is_set():
-                    return
-                sep = getattr(gen, "separator", " ")
-                self.text.feed_text((sep if n or self.sep_first else "") + sentence)
-                n += 1
-                piece, _ = self.text.take(final=self.text.finished)
-                if piece:
-                    self.channel.put(Piece(self.index, piece))
-                if self.text.finished:
-                    break
-        except SentcodeError as e:
-            self.fail(400, str(e), "invalid_request")
-            return
-        except Exception as e:
-            log.error("sentence generation failed:\n%s", traceback.format_exc())
-            self.fail(500, f"model error: {type(e).__name__}: {e}", "model_error")
+        self.n = 0
+        if not self.guarded(lambda: self._write(gen), "sentence generation") or self.cancelled.is_set():
             return
         piece, _ = self.text.take(final=True)
         if piece:
             self.channel.put(Piece(self.index, piece))
-        full = n >= self.kwargs["max_sentences"] and not self.text.finished
-        self.channel.put(Done(self.index, "length" if full else "stop", self.prompt_tokens, n))
+        full = self.n >= self.kwargs["max_sentences"] and not self.text.finished
+        self.channel.put(Done(self.index, "length" if full else "stop", self.prompt_tokens, self.n))
+
+    def _write(self, gen) -> None:
+        for sentence in gen.stream(self.prompt, **self.kwargs):
+            if self.cancelled.is_set():
+                return
+            sep = getattr(gen, "separator", " ")
+            self.text.feed_text((sep if self.n or self.sep_first else "") + sentence)
+            self.n += 1
+            piece, _ = self.text.take(final=self.text.finished)
+            if piece:
+                self.channel.put(Piece(self.index, piece))
+            if self.text.finished:
+                return
 
 
 class PlanJob(Job):
@@ -308,26 +311,21 @@ class PlanJob(Job):
         self.prompt, self.kwargs, self.prompt_tokens = prompt, kwargs, prompt_tokens
 
     def run(self, gen) -> None:
-        n, text = 0, ""
-        try:
-            for seg in gen.stream_plan(self.prompt, **self.kwargs):
-                if self.cancelled.is_set():
-                    return
-                self.channel.put(Result(self.index, {"segment": seg, "index": n}))
-                text += seg["text"]
-                n += 1
-            if hasattr(gen, "encode") and text:  # an autoencoder: its segments and codes per level, of everything
-                self.channel.put(Result(self.index, {"levels": gen.encode(self.prompt + text),
-                                                     "text": self.prompt + text}))
-        except SentcodeError as e:
-            self.fail(400, str(e), "invalid_request")
-            return
-        except Exception as e:
-            log.error("plan generation failed:\n%s", traceback.format_exc())
-            self.fail(500, f"model error: {type(e).__name__}: {e}", "model_error")
-            return
-        full = n >= self.kwargs["max_sentences"]
-        self.channel.put(Done(self.index, "length" if full else "stop", self.prompt_tokens, n))
+        self.n = 0
+        if self.guarded(lambda: self._write(gen), "plan generation") and not self.cancelled.is_set():
+            full = self.n >= self.kwargs["max_sentences"]
+            self.channel.put(Done(self.index, "length" if full else "stop", self.prompt_tokens, self.n))
+
+    def _write(self, gen) -> None:
+        text = ""
+        for seg in gen.stream_plan(self.prompt, **self.kwargs):
+            if self.cancelled.is_set():
+                return
+            self.channel.put(Result(self.index, {"segment": seg, "index": self.n}))
+            text += seg["text"]
+            self.n += 1
+        if hasattr(gen, "encode") and text:  # an autoencoder: its segments and codes per level, of everything
+            self.channel.put(Result(self.index, {"levels": gen.encode(self.prompt + text), "text": self.prompt + text}))
 
 
 # ---- the worker thread ---------------------------------------------------------------------------------------

@@ -158,39 +158,25 @@ class UnigramTokenizer(BPETokenizer):
     label = "Unigram"
 
 
-def _check_vocab(kind: str, vocab_size: int) -> None:
+def _train(cls, model, trainer_cls, texts: Iterable[str | bytes], vocab_size: int, **options):
+    """Train ``model`` with ``trainer_cls`` over byte-level pieces, all 256 bytes in the alphabet."""
     if vocab_size < MIN_VOCAB:
         raise ConfigError(
-            f"{kind} vocab_size must be at least {MIN_VOCAB} (256 bytes + 3 specials), got {vocab_size}"
+            f"{cls.label} vocab_size must be at least {MIN_VOCAB} (256 bytes + 3 specials), got {vocab_size}"
         )
+    hf = HFTokenizer(model)
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainer_cls(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, **options)
+    hf.train_from_iterator(_training_batches(texts), trainer)
+    return cls(hf)
 
 
 def train_unigram(texts: Iterable[str | bytes], vocab_size: int) -> UnigramTokenizer:
     """Train a byte-level Unigram tokenizer with ``vocab_size`` ids at most."""
-    _check_vocab("Unigram", vocab_size)
-    hf = HFTokenizer(models.Unigram())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        max_piece_length=16,
-        show_progress=False,
-    )
-    hf.train_from_iterator(_training_batches(texts), trainer)
-    return UnigramTokenizer(hf)
+    return _train(UnigramTokenizer, models.Unigram(), trainers.UnigramTrainer, texts, vocab_size, max_piece_length=16)
 
 
 def train_bpe(texts: Iterable[str | bytes], vocab_size: int) -> BPETokenizer:
     """Train a byte-level BPE with ``vocab_size`` ids at most (fewer if the texts run out of merges)."""
-    _check_vocab("BPE", vocab_size)
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    hf.train_from_iterator(_training_batches(texts), trainer)
-    return BPETokenizer(hf)
+    return _train(BPETokenizer, models.BPE(), trainers.BpeTrainer, texts, vocab_size)
