@@ -34,6 +34,10 @@ MODELS = {  # trained two at a time in this order: the flat LM beside the defaul
     # a pure autoencoder: every segment written from the state, its code and its own bytes; one-part off
     "hier-ae": ("hier-tiny", ["model.context_dropout=1", "model.code_dropout=0", "model.codebook_size=1024"]),
     "steplm-codes": ("sentence-tiny", ["model.levels=2"]),  # sentence codes learned in the same run
+    # finite scalar quantization instead of the EMA codebook: 5 coordinates of 4 values (10 bits, as 1,024 codes),
+    # and 8 coordinates of 4 values (16 bits)
+    "hier-fsq": ("hier-tiny", ["model.quantizer=fsq", "model.levels=5", "model.codebook_size=4"]),
+    "hier-fsq16": ("hier-tiny", ["model.quantizer=fsq", "model.levels=8", "model.codebook_size=4"]),
 }
 
 
@@ -132,14 +136,14 @@ def main() -> None:
     path = save(args.name, out)
     print(f"\n{machine()}")
     print(f"{'model':14s} {'params':>10s} {'test bpb':>9s} {'x flat':>7s} {'bytes/s':>8s} {'x flat':>7s} "
-          f"{'B/code':>7s} {'byte acc':>8s} {'seg exact':>9s} {'plan':>6s} {'oracle':>7s} {'none':>6s}")
+          f"{'B/seg':>6s} {'bits':>5s} {'byte acc':>8s} {'seg exact':>9s} {'plan':>6s} {'oracle':>7s} {'none':>6s}")
     for n, r in rows.items():
         ev = r["eval"]
         rel = f"{r['bpb'] / flat['bpb']:7.3f}" if flat else "      -"
         fast = f"{r['bytes_s'] / flat['bytes_s']:7.2f}" if flat else "      -"
         extra = ""
         if "byte_accuracy" in ev:
-            extra = (f" {ev['bytes_per_code']:7.2f} {ev['byte_accuracy']:8.2%} {ev['segments_exact']:9.2%} "
+            extra = (f" {ev['bytes_per_segment']:6.2f} {ev['code_bits_per_segment']:5.1f} {ev['byte_accuracy']:8.2%} {ev['segments_exact']:9.2%} "
                      f"{ev['plan_bpb']:6.3f} {ev['render_bpb_oracle']:7.3f} {ev.get('render_bpb_none', 0):6.3f}")
         print(f"{n:14s} {r['params']:>10,} {r['bpb']:9.4f} {rel} {r['bytes_s']:8.1f} {fast}{extra}")
     for n, r in rows.items():

@@ -2,7 +2,8 @@
 per byte (``eval.steplm``: the two-part code length, code LM bits + expander bits given the codes, and the
 exact one-part figure of the expander without codes).
 
-* compression: bytes per segment (one code tuple), bytes per code, and the tuple's raw size in bits;
+* compression: bytes per segment (one code tuple), bytes per code (a residual level is a code; an FSQ tuple is
+  one code), and the tuple's raw size in bits;
 * reconstruction, with the true codes and the true earlier bytes: byte accuracy (the expander's most likely
   byte is the true one) and the share of segments and of documents whose every byte and end-of-segment symbol
   is the most likely one. Greedy decoding from the codes (``sentcode hier decode``) reproduces exactly those
@@ -27,6 +28,7 @@ class AutoencoderFigures:
 
     def __init__(self, model):
         self.levels, self.size = model.cfg.levels, model.cfg.codebook_size
+        self.codes_per_segment = model.cfg.codes_per_segment
         self.eos = specials(model.cfg.symbols)[1]
         self.hits = self.bytes = 0
         self.exact: list[bool] = []  # per scored segment, in order
@@ -61,7 +63,7 @@ class AutoencoderFigures:
             ent = float(-(p[p > 0] * p[p > 0].log2()).sum())
             books.append({"usage": float((h > 0).double().mean()), "perplexity": 2 ** ent})
         return {
-            "bytes_per_code": self.bytes / max(n_seg * self.levels, 1),
+            "bytes_per_code": self.bytes / max(n_seg * self.codes_per_segment, 1),
             "code_bits_per_segment": self.levels * math.log2(self.size),
             "byte_accuracy": self.hits / max(self.bytes, 1),
             "segments_exact": sum(self.exact) / max(n_seg, 1),
@@ -105,7 +107,7 @@ def evaluate_levels(model, upper, split: SegmentSplit, device) -> dict:
     l2 = evaluate_hier(upper, codes, device)
     bits = r["render_bpb_oracle"] * r["bytes"] + l2["bits"]
     r["level2"] = {"bits_per_level1_code": l2["bpb"], "level1_codes_per_segment": l2["bytes_per_segment"],
-                   "bytes_per_code": r["bytes"] / max(l2["segments"] * upper.cfg.levels, 1),
+                   "bytes_per_code": r["bytes"] / max(l2["segments"] * upper.cfg.codes_per_segment, 1),
                    "code_accuracy": l2["byte_accuracy"], "segments_exact": l2["segments_exact"],
                    "codebooks": l2["codebooks"], "plan_bits_per_level1_code": l2["plan_bpb"]}
     r["two_level_bpb"] = bits / max(r["bytes"], 1)

@@ -57,7 +57,7 @@ class HierGenerator(StepLMGenerator):
         self._plan(state, None)
         out = []
         for tuple_ in table:
-            self._set_cond(state, self.model.rvq.decode(tuple_[None]))
+            self._set_cond(state, self.model.quant.decode(tuple_[None]))
             seg, _ = self._write(state, b"" if self.symbols == 256 else [], 0.0, None, None, None, score=False)
             e, _ = self._encode(state, seg, written=True)
             self._plan(state, e)
@@ -98,13 +98,13 @@ class HierGenerator(StepLMGenerator):
         n = sum(len(s) for s in segments)
         out = {"family": FAMILY, "levels": self.model.cfg.levels, "codebook_size": self.model.cfg.codebook_size,
                "bytes": n, "segments": [len(s) for s in segments], "codes": codes,
-               "bytes_per_code": n / (len(codes) * self.model.cfg.levels)}
+               "bytes_per_code": n / (len(codes) * self.model.cfg.codes_per_segment)}
         if self.upper is not None:
             chunks = self._upper_chunks([c[0] for c in codes])
             top = self.upper.encode_segments(chunks)
             out["level2"] = {"levels": self.upper.model.cfg.levels, "codebook_size": self.upper.model.cfg.codebook_size,
                              "segments": [len(c) for c in chunks], "codes": top,
-                             "bytes_per_code": n / (len(top) * self.upper.model.cfg.levels)}
+                             "bytes_per_code": n / (len(top) * self.upper.model.cfg.codes_per_segment)}
         return out
 
     def decode(self, codes, level: int = 1) -> str:

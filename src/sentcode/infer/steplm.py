@@ -224,7 +224,7 @@ class StepLMGenerator:
         q = None
         if self.codes:
             state.planned = self._sample_codes(state.o, temperature, gen)[0]
-            q = self.model.rvq.decode(state.planned[None])
+            q = self.model.quant.decode(state.planned[None])
         self._set_cond(state, q)
         best, candidates = None, []
         for i in range(n if self.codes else 1):

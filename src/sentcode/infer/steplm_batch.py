@@ -61,7 +61,7 @@ def _new_segment(gen, st, temperature, rng) -> None:
     q = None
     if gen.codes:
         st.planned = gen._sample_codes(st.o, temperature, rng)[0]
-        q = gen.model.rvq.decode(st.planned[None])
+        q = gen.model.quant.decode(st.planned[None])
     gen._set_cond(st, q)
 
 

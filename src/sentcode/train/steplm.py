@@ -99,7 +99,7 @@ def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device, auto
     parts: dict = {}
 
     def metrics(m) -> dict:  # the loss's terms apart (last micro-batch) and the codebooks' health
-        return {**{k: float(v) for k, v in parts.items()}, **(m.rvq.ema_report() if m.cfg.levels else {})}
+        return {**{k: float(v) for k, v in parts.items()}, **(m.quant.ema_report() if m.cfg.levels else {})}
 
     return TrainTask(model=model, batches=rows, loss=lambda m, b: steplm_loss(m, b, parts), evaluate=evaluate,
                      tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token(),

@@ -34,6 +34,7 @@ from sentcode.errors import ConfigError
 from sentcode.models.lm import Block
 from sentcode.nn import LayerCache, RMSNorm, rope_cos_sin
 from sentcode.nn.init import init_weights
+from sentcode.nn.fsq import FSQ
 from sentcode.nn.rvq import ResidualVQ
 
 FAMILY = "steplm"
@@ -57,9 +58,11 @@ class StepLMModelConfig:
     plan_kv_heads: int = 2
     max_segments: int = 64  # the planner's context, in segments
     max_segment_bytes: int = 256  # longer segments are cut by the segmenter
-    levels: int = 0  # residual-VQ levels of the codes (0: codes off, an exact one-part model)
-    codebook_size: int = 256
-    d_code: int = 64
+    levels: int = 0  # residual-VQ levels of the codes (0: codes off, an exact one-part model); with
+    # quantizer fsq, the code's coordinates
+    codebook_size: int = 256  # codes per level; with quantizer fsq, values per coordinate
+    d_code: int = 64  # the vector quantizer's width (fsq: one coordinate per level)
+    quantizer: str = "vq"  # vq: residual VQ with EMA codebooks | fsq: finite scalar quantization (no codebook)
     commitment: float = 0.25
     vq_decay: float = 0.99  # EMA decay of the codebooks' statistics
     vq_restart: float = 0.01  # a code whose EMA use falls below this share of a uniform code's is restarted
@@ -77,6 +80,12 @@ class StepLMModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     symbols: int = 256  # the stream's alphabet: 256 bytes, or the codes of the level below (a second level)
+
+    @property
+    def codes_per_segment(self) -> int:
+        """How many codes a segment's tuple counts as: each residual level is a code of its own codebook; an FSQ
+        tuple is one code of an implicit codebook of ``codebook_size ** levels``."""
+        return 1 if self.quantizer == "fsq" else self.levels
 
     @property
     def vocab(self) -> int:
@@ -100,6 +109,10 @@ class StepLMModelConfig:
             raise ConfigError("model.max_segment_bytes must be at least 4")
         if self.levels < 0:
             raise ConfigError("model.levels must be >= 0 (0: codes off)")
+        if self.quantizer not in ("vq", "fsq"):
+            raise ConfigError(f"model.quantizer must be vq or fsq, got {self.quantizer!r}")
+        if self.quantizer == "fsq" and self.codebook_size < 3:
+            raise ConfigError("model.codebook_size (values per coordinate with quantizer fsq) must be at least 3")
         if self.vq_commit not in ("z", "input"):
             raise ConfigError(f"model.vq_commit must be z or input, got {self.vq_commit!r}")
         if self.vq_norm not in ("running", "batch"):
@@ -254,14 +267,23 @@ class StepLM(nn.Module):
         if c.predict_weight > 0:
             self.predict = nn.Linear(c.d_plan, c.d_plan, bias=False)  # training only
         if c.levels:
-            self.to_code = nn.Linear(c.enc_d_model, c.d_code, bias=False)
-            self.rvq = ResidualVQ(c.d_code, c.levels, c.codebook_size, decay=c.vq_decay, dead_threshold=c.vq_restart,
-                                  commitment=c.commitment, normalize=c.vq_norm, commit_space=c.vq_commit)
-            self.code_in = nn.Linear(c.d_code, c.d_model, bias=False)
+            d_code = c.levels if c.quantizer == "fsq" else c.d_code
+            self.to_code = nn.Linear(c.enc_d_model, d_code, bias=False)
+            if c.quantizer == "fsq":
+                self.fsq = FSQ(c.levels, c.codebook_size)
+            else:
+                self.rvq = ResidualVQ(c.d_code, c.levels, c.codebook_size, decay=c.vq_decay,
+                                      dead_threshold=c.vq_restart, commitment=c.commitment, normalize=c.vq_norm,
+                                      commit_space=c.vq_commit)
+            self.code_in = nn.Linear(d_code, c.d_model, bias=False)
             self.code_heads = nn.ModuleList(nn.Linear(c.d_plan, c.codebook_size, bias=False) for _ in range(c.levels))
             # level l's head reads o + the embeddings of the codes already chosen at levels < l
             self.code_embed = nn.ModuleList(nn.Embedding(c.codebook_size, c.d_plan) for _ in range(c.levels - 1))
         init_weights(self, depth=max(c.n_layer, c.plan_layers))
+        if c.levels and c.quantizer == "fsq":
+            # FSQ reads each coordinate on a fixed grid of spacing about 1: at the usual 0.02 std every input
+            # would round to the grid's centre. Unit gain (the pooled states are RMS-normalised) spreads them.
+            nn.init.normal_(self.to_code.weight, std=c.enc_d_model ** -0.5)
         # The condition starts at zero (so the renderer starts as a plain byte LM), or like every other layer.
         if c.cond_init == "zero":
             nn.init.zeros_(self.cond.weight)
@@ -290,13 +312,18 @@ class StepLM(nn.Module):
             e = torch.cat([self.plan_start.expand(e.shape[0], 1, -1).to(e.dtype), e[:, :-1]], dim=1)
         return self.planner(e, start_pos, cache)
 
+    @property
+    def quant(self):
+        """The quantizer (residual VQ or FSQ; one interface)."""
+        return self.fsq if self.cfg.quantizer == "fsq" else self.rvq
+
     def quantize(self, pooled: torch.Tensor, valid: torch.Tensor | None = None):
         """(q [.., d_code], codes [.., levels], commitment loss) of pooled encoder states; ``valid`` [..] bool:
         the real segments (empty slots of a padded batch are neither quantized nor counted: q 0, codes 0)."""
         z = self.to_code(pooled)
         if valid is None:
-            return self.rvq(z)
-        q_valid, codes_valid, commit = self.rvq(z[valid])
+            return self.quant(z)
+        q_valid, codes_valid, commit = self.quant(z[valid])
         q = z.new_zeros(z.shape).masked_scatter(valid[..., None], q_valid.to(z.dtype))
         codes = codes_valid.new_zeros(*valid.shape, self.cfg.levels).masked_scatter(valid[..., None], codes_valid)
         return q, codes, commit
@@ -364,7 +391,7 @@ class StepLM(nn.Module):
                                      reduction="none")
                 plan_nats = plan_nats + (ce * valid.reshape(-1)).sum()
             if code_mode == "predicted":
-                q = self.rvq.decode(self.pick_codes(o))
+                q = self.quant.decode(self.pick_codes(o))
             elif code_mode == "shuffled":
                 flat = q.reshape(-1, q.shape[-1])
                 q = flat[torch.randperm(flat.shape[0], device=q.device)].reshape(q.shape)
