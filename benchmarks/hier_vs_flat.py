@@ -38,7 +38,14 @@ MODELS = {  # trained two at a time in this order: the flat LM beside the defaul
     # and 8 coordinates of 4 values (16 bits)
     "hier-fsq": ("hier-tiny", ["model.quantizer=fsq", "model.levels=5", "model.codebook_size=4"]),
     "hier-fsq16": ("hier-tiny", ["model.quantizer=fsq", "model.levels=8", "model.codebook_size=4"]),
+    "hier-ae-fsq16": ("hier-tiny", ["model.context_dropout=1", "model.code_dropout=0", "model.quantizer=fsq",
+                                    "model.levels=8", "model.codebook_size=4"]),  # the pure autoencoder with FSQ
+    "hier-ae-fsq24": ("hier-tiny", ["model.context_dropout=1", "model.code_dropout=0", "model.quantizer=fsq",
+                                    "model.levels=8", "model.codebook_size=8"]),  # 24 bits per segment
 }
+# the same, standardising each training batch by its own statistics and calibrating them once trained
+for _name in ("hier-ae", "hier-ae-fsq16", "hier-ae-fsq24", "hier-fsq16", "hier-entropy"):
+    MODELS[_name + "-b"] = (MODELS[_name][0], MODELS[_name][1] + ["model.vq_norm=batch"])
 
 
 def train_one(work: Path, name: str, corpus: str, minutes: float, precision: str, extra: list[str]) -> None:

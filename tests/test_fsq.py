@@ -94,3 +94,29 @@ def test_a_bad_quantizer_setting_is_one_clear_error():
         StepLMModelConfig(levels=2, quantizer="fsq", codebook_size=2).validate()
     assert StepLMModelConfig(levels=6, quantizer="fsq", codebook_size=4).codes_per_segment == 1
     assert StepLMModelConfig(levels=3).codes_per_segment == 3
+
+
+@pytest.mark.parametrize("mode", ["running", "batch"])
+def test_standardised_inputs_with_a_tiny_spread_still_take_many_codes(mode):
+    # the autoencoder's measured failure: outputs 0.005 apart around a mean of 0.5 all rounded to one grid point
+    torch.manual_seed(0)
+    x = 0.5 + 0.005 * torch.randn(2000, 4)
+    assert FSQ(4, 5).encode(x).unique().numel() == 1
+    f = FSQ(4, 5, normalize=mode).train()
+    for _ in range(3):
+        _, codes, _ = f(x)
+    assert all(codes[:, i].unique().numel() >= 4 for i in range(4))
+    f.eval()
+    assert torch.equal(f.encode(x), f.encode(x))  # inference reads the running statistics, not the batch
+    assert f.encode(x).unique().numel() >= 4
+    # the statistics stay float32 under a dtype change, and travel in the state dict
+    f.bfloat16()
+    assert f.mean.dtype == torch.float32 and f.var.dtype == torch.float32
+    g = FSQ(4, 5, normalize=mode)
+    g.load_state_dict(f.state_dict())
+    assert torch.equal(g.eval().encode(x), f.encode(x))
+
+
+def test_unknown_normalisation_is_refused():
+    with pytest.raises(ValueError, match="normalize"):
+        FSQ(3, 5, normalize="layer")

@@ -518,3 +518,43 @@ def test_batch_standardisation_spreads_a_drifting_batch_over_codes():
         used = len(codes.unique())
         assert (used == 1) if norm == "running" else (used > 4), (norm, used)
         assert vq.mean.dtype == torch.float32 and vq.mean[0] > 5.0  # running statistics follow in both modes
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "fsq"])
+def test_batch_standardised_codes_are_calibrated_on_the_final_weights(tmp_path, quantizer):
+    # the lagging running statistics sent every scored segment to one code; with vq_norm batch, the run ends
+    # by recomputing them from the exported weights' own inputs
+    from sentcode.data.segments import RowSource, SegmentSplit
+    from sentcode.models.sentence.steplm import WEIGHTS, StepLM
+    from sentcode.runs.weights import load_weights
+    from sentcode.train.hier import train_hier
+    from sentcode.train.steplm import CALIBRATION_BATCHES, load_steplm_config
+    from sentcode.models.hier import HierConfig
+
+    sets = MICRO + ["model.vq_norm=batch", f"model.quantizer={quantizer}", "train.seed=3"]
+    if quantizer == "fsq":
+        sets += ["model.levels=4", "model.codebook_size=5"]
+    out = tmp_path / "run"
+    assert train_hier("sample", out, overrides=sets, progress=False, evaluate_test=False)["status"] == "completed"
+    cfg = load_steplm_config("hier-tiny", sets + ["data.corpus=sample"], HierConfig)
+    m = load_weights(StepLM(cfg.model), out, WEIGHTS)
+    t = cfg.train
+    cal = RowSource(SegmentSplit.load(out / "data" / "train.npz"), t.seq_len, t.micro_batch, cfg.model.max_segments,
+                    t.seed + 1, "cpu")
+    saved = m.quant.mean.clone()
+    n = m.calibrate_codes([cal.next_batch() for _ in range(CALIBRATION_BATCHES)])
+    assert n > 1
+    assert torch.allclose(m.quant.mean, saved, atol=1e-5)  # what the run exported is what its final weights give
+
+
+def test_set_statistics_needs_a_standardising_quantizer():
+    from sentcode.nn.fsq import FSQ
+    from sentcode.nn.rvq import ResidualVQ
+
+    x = torch.randn(64, 4) * 0.01 + 3.0
+    for q in (FSQ(4, 5, normalize="batch"), ResidualVQ(4, 1, 8, normalize="batch")):
+        q.set_statistics(x)
+        assert torch.allclose(q.mean, x.mean(0)) and bool(q.norm_ready)
+    for q in (FSQ(4, 5), ResidualVQ(4, 1, 8)):
+        with pytest.raises(ValueError, match="statistics"):
+            q.set_statistics(x)

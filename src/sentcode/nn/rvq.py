@@ -177,6 +177,13 @@ class ResidualVQ(nn.Module):
 
     # ---- normalisation -------------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def set_statistics(self, x: torch.Tensor) -> None:
+        """Set the inference statistics from inputs ``x [..., dim]`` (a calibration pass with final weights)."""
+        if self.normalize is None:
+            raise ValueError("this quantizer does not standardise its inputs: there are no statistics to set")
+        self._set_norm_stats(self._flat(x.detach()))
+
     def _set_norm_stats(self, x: torch.Tensor) -> None:
         mean = x.mean(0)
         rms = (x - mean).pow(2).mean().sqrt()

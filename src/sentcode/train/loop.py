@@ -49,6 +49,7 @@ class TrainTask:
     extra_metrics: Callable[[nn.Module], dict] = field(default=lambda m: {})
     ddp_find_unused: bool = False  # True when some parameters may get no gradient in a step (routed experts)
     headline: str = "bpb"  # the evaluate() key the progress line reports; families without bpb name theirs
+    finish: Callable[[nn.Module], None] | None = None  # once a run completes, before its final evaluation
 
 
 def set_seed(seed: int) -> None:
@@ -350,6 +351,8 @@ def run_training(
                 break
     bar.close()
     final = None
+    if status == "completed" and task.finish is not None:
+        task.finish(raw_model)
     if status == "completed" and cfg.final_eval:
         final = _evaluate(task, raw_model, None, dist_info, logger, step, train_elapsed, bar, final=True)
     if logger:

@@ -59,6 +59,9 @@ def prepare_segments(corpus: str, data_dir: Path, cfg: StepLMConfig) -> dict:
     return meta
 
 
+CALIBRATION_BATCHES = 8  # training micro-batches read to set batch-standardised codes' inference statistics
+
+
 def steplm_loss(model, batch, parts: dict | None = None) -> torch.Tensor:
     """The two-part code length per predicted symbol (nats), plus the quantizer's commitment term; ``parts``
     receives each term of this micro-batch apart (nats per symbol), for the training log."""
@@ -101,9 +104,16 @@ def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device, auto
     def metrics(m) -> dict:  # the loss's terms apart (last micro-batch) and the codebooks' health
         return {**{k: float(v) for k, v in parts.items()}, **(m.quant.ema_report() if m.cfg.levels else {})}
 
+    finish = None
+    if cfg.model.levels and cfg.model.vq_norm == "batch":
+        def finish(m):  # the quantizer's inference statistics from the final weights (StepLM.calibrate_codes)
+            cal = RowSource(rows.split, t.seq_len, t.micro_batch, cfg.model.max_segments, t.seed + 1, device,
+                            rank=dist_info.rank, symbols=cfg.model.symbols)
+            m.calibrate_codes(cal.next_batch() for _ in range(CALIBRATION_BATCHES))
+
     return TrainTask(model=model, batches=rows, loss=lambda m, b: steplm_loss(m, b, parts), evaluate=evaluate,
                      tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token(),
-                     extra_metrics=metrics)
+                     extra_metrics=metrics, finish=finish)
 
 
 def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny", overrides: list[str] | None = None,

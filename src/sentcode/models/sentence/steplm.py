@@ -66,7 +66,7 @@ class StepLMModelConfig:
     commitment: float = 0.25
     vq_decay: float = 0.99  # EMA decay of the codebooks' statistics
     vq_restart: float = 0.01  # a code whose EMA use falls below this share of a uniform code's is restarted
-    vq_norm: str = "running"  # how the quantizer standardises its inputs in training: running | batch statistics
+    vq_norm: str = "running"  # how the quantizer (vq or fsq) standardises its inputs in training: running | batch
     vq_commit: str = "z"  # the commitment loss in the standardised space (z) or the encoder's own (input)
     code_dropout: float = 0.1  # share of training segments rendered without their codes (the no-code mode)
     context_dropout: float = 0.0  # share of training segments whose bytes see no earlier byte: the planner's
@@ -270,7 +270,7 @@ class StepLM(nn.Module):
             d_code = c.levels if c.quantizer == "fsq" else c.d_code
             self.to_code = nn.Linear(c.enc_d_model, d_code, bias=False)
             if c.quantizer == "fsq":
-                self.fsq = FSQ(c.levels, c.codebook_size)
+                self.fsq = FSQ(c.levels, c.codebook_size, normalize=c.vq_norm, decay=c.vq_decay)
             else:
                 self.rvq = ResidualVQ(c.d_code, c.levels, c.codebook_size, decay=c.vq_decay,
                                       dead_threshold=c.vq_restart, commitment=c.commitment, normalize=c.vq_norm,
@@ -280,10 +280,6 @@ class StepLM(nn.Module):
             # level l's head reads o + the embeddings of the codes already chosen at levels < l
             self.code_embed = nn.ModuleList(nn.Embedding(c.codebook_size, c.d_plan) for _ in range(c.levels - 1))
         init_weights(self, depth=max(c.n_layer, c.plan_layers))
-        if c.levels and c.quantizer == "fsq":
-            # FSQ reads each coordinate on a fixed grid of spacing about 1: at the usual 0.02 std every input
-            # would round to the grid's centre. Unit gain (the pooled states are RMS-normalised) spreads them.
-            nn.init.normal_(self.to_code.weight, std=c.enc_d_model ** -0.5)
         # The condition starts at zero (so the renderer starts as a plain byte LM), or like every other layer.
         if c.cond_init == "zero":
             nn.init.zeros_(self.cond.weight)
@@ -327,6 +323,27 @@ class StepLM(nn.Module):
         q = z.new_zeros(z.shape).masked_scatter(valid[..., None], q_valid.to(z.dtype))
         codes = codes_valid.new_zeros(*valid.shape, self.cfg.levels).masked_scatter(valid[..., None], codes_valid)
         return q, codes, commit
+
+    @torch.no_grad()
+    def calibrate_codes(self, batches) -> int:
+        """Set the quantizer's inference statistics from the inputs the final weights give on ``batches``
+        (``(x, y, seg, n_seg)`` each); returns how many segments were read. With ``vq_norm: batch`` training
+        standardised every batch by its own statistics, and the running ones lag a drifting compressor: measured,
+        the lag sent every scored segment to one code. This is the "precise" batch-norm statistics of Wu and
+        Johnson (arXiv 2105.07576), recomputed once the weights stop moving."""
+        was = self.training
+        self.eval()
+        try:
+            zs = []
+            for x, y, seg, n_seg in batches:
+                _, pooled = self.encode_stream(x, seg, n_seg)
+                zs.append(self.to_code(pooled)[scored_segments(y, seg, n_seg)].float())
+            z = torch.cat(zs)
+            if len(z) > 1:
+                self.quant.set_statistics(z)
+            return len(z)
+        finally:
+            self.train(was)
 
     def code_logits(self, o: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
         """Teacher-forced logits of every level: level l reads o + embeddings of codes[..., :l]."""
