@@ -23,25 +23,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
 from steplm_vs_flat import PROMPT, speed, train_flat  # noqa: E402
 
-# name -> (preset, overrides); the hier variants differ in their segmenter only
+# name -> (preset, overrides). Each autoencoder names its segmenter and quantizer, so that a change of the
+# preset's defaults does not change what an earlier result's name stood for.
+VQ = ["model.quantizer=vq", "model.levels=1", "model.codebook_size=1024", "model.vq_norm=running"]
+ENTROPY = ["data.segmenter=entropy", "data.entropy_mode=global", "data.segment_bytes=6"]
+AE = ["model.context_dropout=1", "model.code_dropout=0"]  # every segment from the state, its code, its own bytes
+
+
+def _fsq(levels: int, size: int) -> list[str]:
+    return ["model.quantizer=fsq", f"model.levels={levels}", f"model.codebook_size={size}"]
+
+
 MODELS = {  # trained two at a time in this order: the flat LM beside the default autoencoder
     "flat": ("tiny", []),
-    "hier-space": ("hier-tiny", []),
+    "hier-tiny": ("hier-tiny", []),  # the preset as it is
+    "hier-space": ("hier-tiny", ["data.segmenter=space", *VQ]),
     "steplm": ("sentence-tiny", []),
-    "hier-entropy": ("hier-tiny", ["data.segmenter=entropy", "data.segment_bytes=6"]),
-    "hier-relative": ("hier-tiny", ["data.segmenter=entropy", "data.entropy_mode=relative", "data.segment_bytes=6"]),
-    "hier-stride": ("hier-tiny", ["data.segmenter=stride", "data.segment_bytes=6"]),
-    # a pure autoencoder: every segment written from the state, its code and its own bytes; one-part off
-    "hier-ae": ("hier-tiny", ["model.context_dropout=1", "model.code_dropout=0", "model.codebook_size=1024"]),
+    "hier-entropy": ("hier-tiny", [*ENTROPY, *VQ]),
+    "hier-relative": ("hier-tiny", ["data.segmenter=entropy", "data.entropy_mode=relative", "data.segment_bytes=6",
+                                    *VQ]),
+    "hier-stride": ("hier-tiny", ["data.segmenter=stride", "data.segment_bytes=6", *VQ]),
+    "hier-ae": ("hier-tiny", [*ENTROPY, *VQ, *AE]),
     "steplm-codes": ("sentence-tiny", ["model.levels=2"]),  # sentence codes learned in the same run
     # finite scalar quantization instead of the EMA codebook: 5 coordinates of 4 values (10 bits, as 1,024 codes),
-    # and 8 coordinates of 4 values (16 bits)
-    "hier-fsq": ("hier-tiny", ["model.quantizer=fsq", "model.levels=5", "model.codebook_size=4"]),
-    "hier-fsq16": ("hier-tiny", ["model.quantizer=fsq", "model.levels=8", "model.codebook_size=4"]),
-    "hier-ae-fsq16": ("hier-tiny", ["model.context_dropout=1", "model.code_dropout=0", "model.quantizer=fsq",
-                                    "model.levels=8", "model.codebook_size=4"]),  # the pure autoencoder with FSQ
-    "hier-ae-fsq24": ("hier-tiny", ["model.context_dropout=1", "model.code_dropout=0", "model.quantizer=fsq",
-                                    "model.levels=8", "model.codebook_size=8"]),  # 24 bits per segment
+    # 8 of 4 (16 bits), 8 of 8 (24 bits)
+    "hier-fsq": ("hier-tiny", [*ENTROPY, *_fsq(5, 4), "model.vq_norm=running"]),
+    "hier-fsq16": ("hier-tiny", [*ENTROPY, *_fsq(8, 4), "model.vq_norm=running"]),
+    "hier-ae-fsq16": ("hier-tiny", [*ENTROPY, *_fsq(8, 4), "model.vq_norm=running", *AE]),
+    "hier-ae-fsq24": ("hier-tiny", [*ENTROPY, *_fsq(8, 8), "model.vq_norm=running", *AE]),
 }
 # the same, standardising each training batch by its own statistics and calibrating them once trained
 for _name in ("hier-ae", "hier-ae-fsq16", "hier-ae-fsq24", "hier-fsq16", "hier-entropy"):

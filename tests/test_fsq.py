@@ -94,6 +94,13 @@ def test_a_bad_quantizer_setting_is_one_clear_error():
         StepLMModelConfig(levels=2, quantizer="fsq", codebook_size=2).validate()
     assert StepLMModelConfig(levels=6, quantizer="fsq", codebook_size=4).codes_per_segment == 1
     assert StepLMModelConfig(levels=3).codes_per_segment == 3
+    # a second level reads one code per level-1 segment: an FSQ tuple is refused with the way out named
+    from sentcode.train.steplm import load_steplm_config
+    from sentcode.models.hier import HierConfig
+
+    with pytest.raises(ConfigError, match="model.quantizer=vq and model.levels=1"):
+        load_steplm_config("hier-tiny", ["model.quantizer=fsq", "model.levels=1", "model.codebook_size=5",
+                                         "data.upper_stride=4"], HierConfig)
 
 
 @pytest.mark.parametrize("mode", ["running", "batch"])

@@ -18,13 +18,15 @@ from sentcode.models.sentence.steplm import StepLM, StepLMModelConfig
 
 TEXT = ("The Congress met today. It passed three bills, one of them on roads!\n\nMr. Smith objected: the cost "
         "was $3.5 million. Nobody listened.  The session ended at noon. Café prices rose by 4%. " * 4)
+VQ = ["model.quantizer=vq", "model.levels=1", "model.vq_norm=running"]
 MICRO = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.n_kv_head=1", "model.d_plan=32",
          "model.plan_layers=1", "model.plan_heads=2", "model.plan_kv_heads=1", "model.enc_d_model=16",
          "model.enc_heads=2", "model.window=16", "model.max_segments=32", "model.max_segment_bytes=16",
          "model.codebook_size=16", "model.d_code=8", "train.seq_len=128", "train.micro_batch=2",
          "train.batch_tokens=256", "train.max_steps=8", "train.warmup_steps=2", "train.eval_every=0",
          "train.save_every=0", "train.log_every=1", "train.final_eval=false", "train.precision=fp32",
-         "data.upper_stride=0"]  # one level; UPPER below adds the second
+         "data.upper_stride=0",  # one level; UPPER below adds the second
+         *VQ]  # the preset's own FSQ codes: test_batch_standardised_codes_are_calibrated_on_the_final_weights
 
 
 def fitted(kind: str, mode: str = "global", target: float = 6.0) -> Segmenter:
@@ -531,9 +533,9 @@ def test_batch_standardised_codes_are_calibrated_on_the_final_weights(tmp_path, 
     from sentcode.train.steplm import CALIBRATION_BATCHES, load_steplm_config
     from sentcode.models.hier import HierConfig
 
-    sets = MICRO + ["model.vq_norm=batch", f"model.quantizer={quantizer}", "train.seed=3"]
-    if quantizer == "fsq":
-        sets += ["model.levels=4", "model.codebook_size=5"]
+    # fsq: the preset's own quantizer settings (8 coordinates of 4 values, batch statistics) at micro sizes
+    sets = (MICRO + ["model.vq_norm=batch"] if quantizer == "vq" else MICRO[:-len(VQ)] + ["model.codebook_size=4"])
+    sets = sets + ["train.seed=3"]
     out = tmp_path / "run"
     assert train_hier("sample", out, overrides=sets, progress=False, evaluate_test=False)["status"] == "completed"
     cfg = load_steplm_config("hier-tiny", sets + ["data.corpus=sample"], HierConfig)
@@ -545,6 +547,14 @@ def test_batch_standardised_codes_are_calibrated_on_the_final_weights(tmp_path, 
     n = m.calibrate_codes([cal.next_batch() for _ in range(CALIBRATION_BATCHES)])
     assert n > 1
     assert torch.allclose(m.quant.mean, saved, atol=1e-5)  # what the run exported is what its final weights give
+    if quantizer == "fsq":  # the preset's codes: 8 coordinates of 4 values per segment, and back to text
+        import sentcode
+
+        g = sentcode.load(out)
+        enc = g.encode(TEXT[:200])
+        assert enc["levels"] == 8 and all(len(t) == 8 and all(0 <= v < 4 for v in t) for t in enc["codes"])
+        assert enc["bytes_per_code"] == pytest.approx(enc["bytes"] / len(enc["codes"]))  # a tuple is one code
+        assert isinstance(g.decode(enc["codes"][:3]), str)
 
 
 def test_set_statistics_needs_a_standardising_quantizer():

@@ -69,8 +69,9 @@ class HierConfig(StepLMConfig):
         if self.data.upper_stride < 0 or not 0 < self.data.upper_budget <= 1:
             raise ConfigError("data.upper_stride must be >= 0 (0: one level) and data.upper_budget in (0, 1]")
         if self.data.upper_stride:
-            if self.model.levels != 1:
-                raise ConfigError("a second level reads one code per level-1 segment: set model.levels=1")
+            if self.model.levels != 1 or self.model.quantizer != "vq":
+                raise ConfigError("a second level reads one code per level-1 segment: set model.quantizer=vq and "
+                                  "model.levels=1")
             if self.upper.levels < 1:
                 raise ConfigError("the second level needs codes: upper.levels must be at least 1")
             if self.train.seq_len < self.data.upper_stride + 1:
