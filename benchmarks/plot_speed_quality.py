@@ -34,6 +34,8 @@ def main() -> None:
                     "end-to-end point each, labelled with the file's name)")
     ap.add_argument("--backends", default=None, help="a decode_backends.py result file: the flat LM on each backend "
                     "(triangles)")
+    ap.add_argument("--hier", nargs="*", default=[], help="hier_vs_flat.py result files: every model of the run at "
+                    "batch 1 on PyTorch (diamonds), labelled with the file's name")
     ap.add_argument("--out", default=str(RESULTS / "speed_quality.png"))
     args = ap.parse_args()
     data = json.loads(Path(args.result).read_text())
@@ -62,6 +64,14 @@ def main() -> None:
                            edgecolors=c, linewidths=1.5)
                 ax.annotate(f"{name} ({tag}) B1{' onnx' if backend == 'onnx' else ''}", (r[key], r["bpb"]),
                             textcoords="offset points", xytext=(-20, dy), fontsize=6)
+    for path in args.hier:  # flat, sentence-step and autoencoders trained in one run: diamonds
+        run = json.loads(Path(path).read_text())
+        tag = Path(path).stem
+        for i, (name, r) in enumerate(run["rows"].items()):
+            c = {"flat": "tab:blue", "steplm": "tab:red"}.get(name, "tab:green")
+            ax.scatter(r["bytes_s"], r["bpb"], s=60, marker="D", color=c, edgecolors=c, linewidths=1.5)
+            ax.annotate(f"{name} ({tag}) B1", (r["bytes_s"], r["bpb"]), textcoords="offset points",
+                        xytext=(-20, 7 if i % 2 else -13), fontsize=6)
     if args.backends:  # one trained flat LM on each decoding backend: triangles, batch 1 filled, batch 8 hollow
         run = json.loads(Path(args.backends).read_text())
         bc = {"torch": "tab:blue", "onnx": "tab:purple", "onnx-per-token": "tab:pink", "onnx-int8": "tab:brown"}
@@ -77,7 +87,8 @@ def main() -> None:
     ax.set_ylabel("held-out test bits per byte (two-part for sentence-step)")
     ax.text(0.01, 0.98, "circles: staged recipe (sentence_speed.py); squares: end-to-end runs beside a flat LM "
             "(hollow: on ONNX);\n"
-            "triangles: one flat LM on each decoding backend (decode_backends.py)",
+            "triangles: one flat LM on each decoding backend (decode_backends.py); diamonds: flat, sentence-step and "
+            "autoencoders in one run (hier_vs_flat.py)",
             transform=ax.transAxes, fontsize=6, color="gray", va="top")
     p = data["params"]
     ax.set_title(f"quality vs generation speed: flat {p['flat']:,} params, sentence-step {p['sentence_total_ar']:,}",
