@@ -67,7 +67,14 @@ class FSQ(nn.Module):
         if self.normalize is None:
             raise ValueError("this quantizer does not standardise its inputs: there are no statistics to set")
         flat = x.detach().float().reshape(-1, self.dim)
-        self.mean.copy_(flat.mean(0)), self.var.copy_(flat.var(0, unbiased=False)), self.norm_ready.fill_(True)
+        self._follow(flat.mean(0), flat.var(0, unbiased=False), share=1.0)
+
+    def _follow(self, mean: torch.Tensor, var: torch.Tensor, share: float) -> None:
+        """Move the statistics ``share`` of the way to (mean, var); the first time, all the way."""
+        share = share if bool(self.norm_ready) else 1.0
+        self.mean.lerp_(mean, share)
+        self.var.lerp_(var, share)
+        self.norm_ready.fill_(True)
 
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] float32 -> per-coordinate standardised; in training also follows the statistics."""
@@ -77,10 +84,7 @@ class FSQ(nn.Module):
         if self.training and flat.shape[0] > 1:
             with torch.no_grad():
                 m, v = flat.mean(0), flat.var(0, unbiased=False)
-                if not bool(self.norm_ready):
-                    self.mean.copy_(m), self.var.copy_(v), self.norm_ready.fill_(True)
-                else:
-                    self.mean.lerp_(m, 1 - self.decay), self.var.lerp_(v, 1 - self.decay)
+                self._follow(m, v, share=1 - self.decay)
             if self.normalize == "batch":
                 return (x - m) / (v + 1e-10).sqrt()
         return (x - self.mean) / (self.var + 1e-10).sqrt()
