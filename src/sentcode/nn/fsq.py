@@ -19,7 +19,7 @@ coordinates (each one code "level" with ``size`` values, predicted one after the
 ``codebook_sizes`` lists ``size`` per coordinate. Written here because the rounding is a few lines of tensor
 arithmetic and the model needs the residual VQ's interface around it.
 
-This module imports only torch.
+This module imports torch and ``nn.device`` (float32 statistics).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import math
 
 import torch
 import torch.nn as nn
+
+from sentcode.nn.device import keep_float32
 
 
 class FSQ(nn.Module):
@@ -56,9 +58,7 @@ class FSQ(nn.Module):
 
     def _apply(self, fn, recurse=True):  # the statistics stay float32 whatever the module's dtype
         super()._apply(fn, recurse)
-        for name, buf in self._buffers.items():
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
+        keep_float32(self)
         return self
 
     @torch.no_grad()

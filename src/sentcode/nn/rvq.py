@@ -19,7 +19,7 @@ Design choices that avoid defects seen elsewhere:
 EMA statistics are not all-reduced across processes; in data-parallel training each rank drifts on its own
 and should be synchronised by the caller if that matters.
 
-This module imports only torch.
+This module imports torch and ``nn.device`` (float32 statistics).
 """
 
 from __future__ import annotations
@@ -31,14 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sentcode.nn.device import keep_float32
+
 NORMALIZE_MODES = (None, "standard", "running", "batch")
 INIT_MODES = ("kmeans++", "random")
-
-
-def _keep_float32(module: nn.Module) -> None:
-    for name, buf in module._buffers.items():
-        if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-            module._buffers[name] = buf.float()
 
 
 class _Codebook(nn.Module):
@@ -54,7 +50,7 @@ class _Codebook(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        _keep_float32(self)
+        keep_float32(self)
         return self
 
     @property
@@ -172,7 +168,7 @@ class ResidualVQ(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        _keep_float32(self)
+        keep_float32(self)
         return self
 
     # ---- normalisation -------------------------------------------------------------------------------

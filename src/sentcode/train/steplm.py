@@ -92,7 +92,16 @@ def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device, auto
                      t.seed, device, rank=dist_info.rank, symbols=cfg.model.symbols)
     val = SegmentSplit.load(data_dir / "val.npz")
 
+    calibrate = None
+    if cfg.model.levels and cfg.model.vq_norm == "batch":
+        def calibrate(m):  # the quantizer's inference statistics from the current weights (StepLM.calibrate_codes)
+            cal = RowSource(rows.split, t.seq_len, t.micro_batch, cfg.model.max_segments, t.seed + 1, device,
+                            rank=dist_info.rank, symbols=cfg.model.symbols)
+            m.calibrate_codes(cal.next_batch() for _ in range(CALIBRATION_BATCHES))
+
     def evaluate(m, max_tokens):
+        if calibrate is not None:  # batch-standardised codes are scored with statistics of the weights scored
+            calibrate(m)
         if not autoencoder:
             return evaluate_segments(m, val, device, max_bytes=max_tokens)
         from sentcode.eval.hier import evaluate_hier
@@ -104,16 +113,9 @@ def build_steplm_task(cfg: StepLMConfig, data_dir: Path, dist_info, device, auto
     def metrics(m) -> dict:  # the loss's terms apart (last micro-batch) and the codebooks' health
         return {**{k: float(v) for k, v in parts.items()}, **(m.quant.ema_report() if m.cfg.levels else {})}
 
-    finish = None
-    if cfg.model.levels and cfg.model.vq_norm == "batch":
-        def finish(m):  # the quantizer's inference statistics from the final weights (StepLM.calibrate_codes)
-            cal = RowSource(rows.split, t.seq_len, t.micro_batch, cfg.model.max_segments, t.seed + 1, device,
-                            rank=dist_info.rank, symbols=cfg.model.symbols)
-            m.calibrate_codes(cal.next_batch() for _ in range(CALIBRATION_BATCHES))
-
     return TrainTask(model=model, batches=rows, loss=lambda m, b: steplm_loss(m, b, parts), evaluate=evaluate,
                      tokens_per_batch=t.micro_batch * t.seq_len, flops_per_token=model.flops_per_token(),
-                     extra_metrics=metrics, finish=finish)
+                     extra_metrics=metrics, finish=calibrate)
 
 
 def train_steplm(corpus: str, run_dir: str | Path, preset: str = "sentence-tiny", overrides: list[str] | None = None,
